@@ -1,0 +1,85 @@
+"""Input checks shared by the NumPy forwards and the PyTorch modules.
+
+Both sides raise the same errors with the same messages, so a user who feeds a wrong
+tensor to either gets told what was expected and what came. The checks only read
+shapes and dtypes; under ``torch.compile`` they become guards, not graph breaks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _describe(x: Any) -> str:
+    return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+
+
+def check_torch_input(x: Any, channels: int | None, who: str, name: str = "input") -> None:
+    """Check that ``x`` is a floating point NCHW tensor with ``channels`` channels.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or not of a real floating point dtype.
+        ValueError: ``x`` is not 4-dimensional, has the wrong channel count, or is empty.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} expects {name} to be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{who} expects {name} of a floating point dtype (float16, bfloat16, float32, "
+            f"float64), got {_describe(x)}"
+        )
+    _check_shape(x, channels, who, name)
+
+
+def check_numpy_input(x: Any, channels: int | None, who: str, name: str = "input") -> np.ndarray:
+    """The NumPy twin of :func:`check_torch_input`; returns ``x`` as an ndarray.
+
+    Accepts anything ``np.asarray`` turns into a real floating point array.
+    """
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"{who} expects {name} of a real floating point dtype (float32, float64), "
+            f"got {_describe(x)}"
+        )
+    _check_shape(x, channels, who, name)
+    return x
+
+
+def _check_shape(x: Any, channels: int | None, who: str, name: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(
+            f"{who} expects {name} of shape (N, C, H, W), got {x.ndim} dimensions: "
+            f"{_describe(x)}"
+        )
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"{who} was built for {channels} channels, got {name} with {x.shape[1]} "
+            f"channels: {_describe(x)}"
+        )
+    if 0 in tuple(x.shape):
+        raise ValueError(f"{who} expects a non-empty {name}, got {_describe(x)}")
+
+
+def check_same_shape(x: Any, y: Any, who: str, names: tuple[str, str] = ("X", "Y")) -> None:
+    """Check that two inputs to be fused have the same shape (AFF, iAFF)."""
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(
+            f"{who} expects {names[0]} and {names[1]} of the same shape, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+
+
+def check_choice(value: Any, choices: tuple[str, ...], who: str, name: str) -> None:
+    """Check that a string option is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{who}: {name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_int(value: Any, who: str, name: str) -> None:
+    """Check that an integer option (channels, reduction, widths) is >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
