@@ -52,8 +52,7 @@ def check_numpy_input(x: Any, channels: int | None, who: str, name: str = "input
 def _check_shape(x: Any, channels: int | None, who: str, name: str) -> None:
     if x.ndim != 4:
         raise ValueError(
-            f"{who} expects {name} of shape (N, C, H, W), got {x.ndim} dimensions: "
-            f"{_describe(x)}"
+            f"{who} expects {name} of shape (N, C, H, W), got {x.ndim} dimensions: {_describe(x)}"
         )
     if channels is not None and x.shape[1] != channels:
         raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refimpl.registry import Component, Example, Invariant, Paper, randomize_, random_input
+from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
 from refimpl.squeeze_excitation.numpy_forward import squeeze_excitation
 from refimpl.squeeze_excitation.torch_module import GATES, POOLINGS, SqueezeExcitation
 
