@@ -21,6 +21,14 @@ from torch import nn
 #: Paper packages, in the order of the tutorials. Add a slug here to register a paper.
 PAPER_PACKAGES: tuple[str, ...] = ("squeeze_excitation",)
 
+#: PyTorch against the NumPy float64 oracle, (rtol, atol). float64: both sides compute the
+#: same sums in another order, a few ulps of O(1) values. float32: 2^-24 relative rounding
+#: accumulated over reductions of a few thousand terms at most.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-12),
+    "float32": (1e-5, 1e-6),
+}
+
 
 @dataclass(frozen=True)
 class Example:
@@ -64,6 +72,9 @@ class Component:
         attention: whether :func:`create` can build it from a channel count.
         aliases: other names :func:`create` accepts (``"se"``).
         n_inputs: 1, or 2 for the fusion modules that take (X, Y).
+        tolerances: ``{"float64": (rtol, atol), "float32": (rtol, atol)}`` for PyTorch
+            against the NumPy float64 oracle: ``|torch - numpy| <= atol + rtol |numpy|``.
+            Deep components may loosen float32, saying why where they register.
     """
 
     name: str
@@ -75,6 +86,9 @@ class Component:
     attention: bool = True
     aliases: tuple[str, ...] = ()
     n_inputs: int = 1
+    tolerances: Mapping[str, tuple[float, float]] = field(
+        default_factory=lambda: dict(DEFAULT_TOLERANCES)
+    )
 
 
 @dataclass(frozen=True)

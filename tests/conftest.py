@@ -47,7 +47,7 @@ def available_devices() -> list[str]:
 DEVICES = available_devices()
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=DEVICES, scope="session")
 def device(request: pytest.FixtureRequest) -> str:
     """Run a test once per available device."""
     return request.param

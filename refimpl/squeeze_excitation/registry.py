@@ -36,10 +36,11 @@ def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
         inside = bool(((s > 0) & (s < 1)).all())
         found.append(Invariant("gate s in (0, 1)", inside, f"s in [{s.min():.3g}, {s.max():.3g}]"))
         shrink = bool((out.abs() <= x.abs()).all() and (out * x >= 0).all())
-        found.append(Invariant("|out| <= |x|, same sign", shrink, ""))
-    ratio = out / s[:, :, None, None]  # out is s * x; dividing s back gives x
-    err = (ratio - x).abs().max().item() if bool((s != 0).all()) else 0.0
-    found.append(Invariant("out = s_c * x_c per channel", err <= 1e-12, f"max err {err:.2e}"))
+        found.append(Invariant("abs(out) <= abs(x), same sign", shrink, ""))
+    # out is s_c * x_c: where x is nonzero, out / x gives back s at every position.
+    ratio = torch.where(x != 0, out / x, s[:, :, None, None])
+    err = (ratio - s[:, :, None, None]).abs().max().item()
+    found.append(Invariant("out / x = s_c at every position", err <= 1e-12, f"max err {err:.2e}"))
     perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
     x_perm = x.flatten(2)[:, :, perm].reshape(x.shape)
     out_perm = out.flatten(2)[:, :, perm].reshape(x.shape)

@@ -1,0 +1,129 @@
+"""The registry, the ``check`` command and the contract every paper package follows."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import refimpl
+from refimpl import check
+from refimpl.__main__ import main
+from refimpl.registry import Invariant, components, papers, randomize_, state_dict_numpy
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = list(components().values())
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+@pytest.mark.parametrize("comp", COMPONENTS, ids=lambda c: c.name)
+def test_component_contract(comp):
+    """Names follow the style guide; the example is deterministic; NumPy takes the keys."""
+    assert comp.numpy_forward.__name__ == snake_case(comp.module.__name__)
+    assert comp.name == comp.numpy_forward.__name__
+    assert comp.numpy_forward.__module__ == f"refimpl.{comp.paper}.numpy_forward"
+    assert comp.module.__module__ == f"refimpl.{comp.paper}.torch_module"
+    a, b = comp.make_example(11), comp.make_example(11)
+    assert len(a.inputs) == comp.n_inputs
+    for x, y in zip(a.inputs, b.inputs, strict=True):
+        assert torch.equal(x, y) and x.dtype == torch.float64
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # State-dict keys read well in NumPy code: named submodules, no bare Sequential index.
+    for key in sa:
+        assert not re.search(r"(^|\.)\d+\.", key), f"bare index in state-dict key {key!r}"
+    for name in ("reset_parameters", "extra_repr"):
+        assert name in vars(comp.module), f"{comp.module.__name__} lacks its own {name}()"
+
+
+@pytest.mark.parametrize("comp", [c for c in COMPONENTS if c.attention], ids=lambda c: c.name)
+def test_create_builds_every_attention_module(comp):
+    for name in (comp.name, *comp.aliases):
+        module = refimpl.create(name, 32)
+        assert type(module) is comp.module
+        x = torch.randn(2, 32, 5, 6, generator=torch.Generator().manual_seed(0))
+        assert module(x).shape == x.shape
+
+
+def test_every_paper_has_its_tutorial_and_tests():
+    for paper in papers().values():
+        assert (ROOT / paper.tutorial).is_file(), paper.tutorial
+        assert (ROOT / "tests" / f"test_{paper.slug}.py").is_file()
+        assert re.fullmatch(r"\d{4}\.\d{5}", paper.arxiv)
+
+
+def test_randomize_is_deterministic_and_randomises_running_statistics():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    a = state_dict_numpy(randomize_(net, 5))
+    b = state_dict_numpy(randomize_(net, 5))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.allclose(a["1.running_mean"], 0) and not np.allclose(a["1.running_var"], 1)
+    assert not np.array_equal(a["0.weight"], state_dict_numpy(randomize_(net, 6))["0.weight"])
+
+
+def test_check_passes_and_exits_zero(capsys):
+    assert main(["check", "--examples", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for comp in COMPONENTS:
+        assert f"| {comp.name} | cpu | float64 eval vs NumPy |" in out
+        assert f"| {comp.name} | cpu | float32 train vs NumPy |" in out
+    assert "FAIL" not in out and "checks passed" in out
+
+
+def test_check_fails_on_a_disagreeing_component(monkeypatch, capsys):
+    """A NumPy forward that is off by 1e-8 relative must fail the float64 rows."""
+    comp = COMPONENTS[0]
+
+    def off(*args, **kwargs):
+        return comp.numpy_forward(*args, **kwargs) * (1 + 1e-8)
+
+    broken = dataclasses.replace(comp, numpy_forward=off)
+    monkeypatch.setattr(check, "get", lambda name: broken)
+    assert main(["check", "--only", comp.name, "--examples", "2", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[2]: line for line in out.splitlines() if " vs NumPy " in line}
+    assert "| FAIL |" in rows["float64 eval vs NumPy"]
+    assert "| FAIL |" in rows["float64 train vs NumPy"]
+    assert "| ok |" in rows["float32 eval vs NumPy"]  # 1e-8 is inside float32's tolerance
+
+
+def test_check_fails_on_a_broken_invariant(monkeypatch, capsys):
+    comp = COMPONENTS[0]
+    broken = dataclasses.replace(
+        comp, invariants=lambda ex, out: [Invariant("always broken", False, "by design")]
+    )
+    monkeypatch.setattr(check, "get", lambda name: broken)
+    assert main(["--only", comp.name, "--examples", "1", "--device", "cpu"]) == 1
+    assert "invariant: always broken |  |  | FAIL | by design |" in capsys.readouterr().out
+
+
+def test_unknown_component_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--only", "no_such_module"])
+    assert info.value.code == 2
+    assert "unknown component 'no_such_module'" in capsys.readouterr().err
+
+
+def test_list_names_every_component(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for comp in COMPONENTS:
+        assert comp.module.__name__ in out and comp.name in out
+
+
+def test_module_entry_point_runs():
+    """``python -m refimpl list`` works as a process (the README's command)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "refimpl", "list"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SqueezeExcitation" in done.stdout
