@@ -63,6 +63,9 @@ def run_checks(
     """All checks for the chosen components (default: all) and devices (default: all)."""
     comps = [get(n) for n in names] if names else list(components().values())
     devices = devices or available_devices()
+    # True float32 on CUDA: cuDNN would otherwise run float32 convolutions in TF32.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[Row] = []
     for comp in comps:
         exs = [comp.make_example(seed + i) for i in range(examples)]
