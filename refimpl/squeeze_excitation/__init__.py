@@ -9,7 +9,8 @@ block sits on the residual branch of every bottleneck, after the last batch norm
 before the addition; it adds about 10% parameters and 0.3% multiply-accumulates.
 """
 
+from refimpl.squeeze_excitation.networks import se_resnet50
 from refimpl.squeeze_excitation.numpy_forward import squeeze_excitation
 from refimpl.squeeze_excitation.torch_module import SqueezeExcitation
 
-__all__ = ["SqueezeExcitation", "squeeze_excitation"]
+__all__ = ["SqueezeExcitation", "se_resnet50", "squeeze_excitation"]
