@@ -155,15 +155,14 @@ def conv2d(
     dilation = _positive_pair(dilation, "dilation")
 
     # Padding as (before, after) per spatial axis.
-    if padding == "valid":
-        pads = ((0, 0), (0, 0))
-    elif padding == "same":
-        if stride != (1, 1):
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"conv2d: padding must be 'valid', 'same' or ints, got {padding!r}")
+        if padding == "same" and stride != (1, 1):
             raise ValueError("conv2d: padding='same' is not supported for strided convolutions")
-        totals = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+        # "same": dilation (k - 1) zeros in all, the odd one after (bottom / right)
+        totals = (dilation[0] * (kh - 1), dilation[1] * (kw - 1)) if padding == "same" else (0, 0)
         pads = tuple((t // 2, t - t // 2) for t in totals)
-    elif isinstance(padding, str):
-        raise ValueError(f"conv2d: padding must be 'valid', 'same' or ints, got {padding!r}")
     else:
         ph, pw = _pair(padding, "padding")
         if min(ph, pw) < 0:
@@ -198,12 +197,12 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> np.ndarray:
-    r"""``torch.nn.functional.batch_norm``: :math:`y = (x - \mu) / \sqrt{\sigma^2 + \epsilon}
-    \cdot \gamma + \beta` per channel.
+    r"""``torch.nn.functional.batch_norm``: normalise each channel, then scale and shift it.
 
-    In eval mode :math:`\mu, \sigma^2` are the running statistics; in training mode they are
-    the mean and the biased variance of the batch over every axis but the channel axis (N and
-    the spatial axes), as torch normalises with. The function is pure: unlike torch in training
+    :math:`y = (x - \mu) / \sqrt{\sigma^2 + \epsilon} \cdot \gamma + \beta` per channel. In
+    eval mode :math:`\mu, \sigma^2` are the running statistics; in training mode they are the
+    mean and the biased variance of the batch over every axis but the channel axis (N and the
+    spatial axes), as torch normalises with. The function is pure: unlike torch in training
     mode it does not update the running statistics, so ``momentum`` (kept for the signature)
     has no effect.
 
@@ -294,7 +293,9 @@ def _pool_geometry(
     """
     kernel = _positive_pair(kernel_size, "kernel_size")
     # torch treats stride=None (and an empty stride) as "the kernel size"
-    stride = kernel if stride is None or stride == [] else _positive_pair(stride, "stride")
+    if stride is None or (isinstance(stride, Sequence) and len(stride) == 0):
+        stride = kernel
+    stride = _positive_pair(stride, "stride")
     padding = _pair(padding, "padding")
     dilation = _positive_pair(dilation, "dilation")
     if any(p < 0 or p > k // 2 for p, k in zip(padding, kernel, strict=True)):
@@ -352,7 +353,8 @@ def max_pool2d(
         stride: step between windows; None means kernel_size.
         padding: implicit -inf on each side, at most half the kernel size.
         dilation: step between window taps.
-        ceil_mode: round the output size up instead of down (see ``_pool_geometry``).
+        ceil_mode: round the output size up instead of down, as long as the last window
+            starts inside the input or its left padding.
 
     Shape:
         input: (N, C, H, W) or (C, H, W). Returns (N, C, H_out, W_out) with
@@ -390,7 +392,8 @@ def avg_pool2d(
         kernel_size: window size, int or (kh, kw).
         stride: step between windows; None means kernel_size.
         padding: implicit zeros on each side, at most half the kernel size.
-        ceil_mode: round the output size up instead of down (see ``_pool_geometry``).
+        ceil_mode: round the output size up instead of down, as long as the last window
+            starts inside the input or its left padding.
         count_include_pad: count the padding's zeros in the divisor.
         divisor_override: divide every window's sum by this instead.
 
@@ -402,7 +405,7 @@ def avg_pool2d(
     kernel, stride, padding, dilation, (h_out, w_out) = _pool_geometry(
         "avg_pool2d", x.shape[2:], kernel_size, stride, padding, 1, ceil_mode
     )
-    if divisor_override is not None and divisor_override == 0:
+    if divisor_override == 0:
         raise ValueError("avg_pool2d: divisor_override must not be zero")
     padded = _pad_for_windows(x, kernel, stride, padding, dilation, (h_out, w_out), 0.0)
     sums = _windows(padded, kernel, stride, dilation)[:, :, :h_out, :w_out].sum(axis=(4, 5))
@@ -505,49 +508,84 @@ def adaptive_max_pool2d(input: np.ndarray, output_size: int | Sequence[int | Non
 # Resampling
 
 
-def _nearest_sources(in_size: int, out_size: int, scale_factor: float | None) -> np.ndarray:
+# torch's CPU resampling runs one of two kernels: a "vectorised" one when the output is small
+# (H_out + W_out <= 128, or the input is channels-last with more than 3 channels), else a
+# generic one. They agree for "bilinear" but compute "nearest" source indices differently (see
+# _nearest_sources); the oracle takes the input as contiguous NCHW and makes the same choice.
+_SMALL_OUTPUT = 128
+
+
+def _opmath(dtype: np.dtype) -> type[np.floating]:
+    """The dtype torch computes source coordinates in: float64 for float64, else float32."""
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+def _source_scale(
+    opmath: type[np.floating], in_size: int, out_size: int, scale_factor: float | None
+) -> np.floating:
+    """Input steps per output step: ``1 / scale_factor`` if the caller gave one (so the output
+    size's rounding does not enter), else ``in_size / out_size``."""
+    if scale_factor is not None:
+        return opmath(1.0 / scale_factor)
+    return opmath(in_size) / opmath(out_size)
+
+
+def _nearest_sources(
+    in_size: int, out_size: int, scale_factor: float | None, dtype: np.dtype, small_output: bool
+) -> np.ndarray:
     """torch's legacy "nearest" source index of every output index: ``floor(dst * scale)``.
 
-    ``scale`` is ``1 / scale_factor`` when the caller gave a scale factor, else
-    ``in_size / out_size``; torch floors in float32 (``floorf``), which rounds a product that
-    should be an integer but came out a hair below it up to that integer first.
+    torch floors in float32 (``floorf``): a product that should be an integer but came out a
+    hair below it is rounded up to that integer first. Its small-output kernel moreover
+    computes the product in float32 whatever the dtype (so ``41 * (2 / 82)`` floors to 0, not
+    1), and copies (``out == in``) or halves (``out == 2 in``) indices without arithmetic.
     """
-    scale = 1.0 / scale_factor if scale_factor is not None else in_size / out_size
     dst = np.arange(out_size)
-    src = np.floor((scale * dst).astype(np.float32)).astype(np.int64)
+    if small_output:
+        if out_size == in_size:
+            return dst
+        if out_size == 2 * in_size:
+            return dst // 2
+        opmath = np.float32
+    else:
+        opmath = _opmath(dtype)
+    scale = _source_scale(opmath, in_size, out_size, scale_factor)
+    src = np.floor((dst.astype(opmath) * scale).astype(np.float32)).astype(np.int64)
     return np.minimum(src, in_size - 1)
 
 
 def _linear_weights(
-    in_size: int, out_size: int, scale_factor: float | None, align_corners: bool
+    in_size: int, out_size: int, scale_factor: float | None, align_corners: bool, dtype: np.dtype
 ) -> np.ndarray:
     """torch's 1-D linear interpolation as a matrix R (out_size, in_size): ``y = R x``.
 
     Output index ``i`` reads the source coordinate
 
-    * align_corners=True: ``i (in - 1) / (out - 1)`` (corners map to corners);
-    * align_corners=False: ``max((i + 0.5) scale - 0.5, 0)`` (pixel centres map to centres),
-      ``scale = 1 / scale_factor`` when one was given, else ``in / out``;
+    * align_corners=True: ``i (in - 1) / (out - 1)`` (corner pixels map onto each other);
+    * align_corners=False: ``max((i + 0.5) scale - 0.5, 0)`` (pixel centres map onto pixel
+      centres), with ``scale`` from ``_source_scale``;
 
     and mixes the two input entries around it. torch copies the input when the size does not
     change, whatever the scale factor, and floors the coordinate in float32 (``floorf``).
     """
     if out_size == in_size:
-        return np.eye(in_size)
-    dst = np.arange(out_size)
+        return np.eye(in_size, dtype=dtype)
+    opmath = _opmath(dtype)
+    dst = np.arange(out_size).astype(opmath)
     if align_corners:
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        scale = opmath(in_size - 1) / opmath(out_size - 1) if out_size > 1 else opmath(0)
         src = scale * dst
     else:
-        scale = 1.0 / scale_factor if scale_factor is not None else in_size / out_size
-        src = np.maximum(scale * (dst + 0.5) - 0.5, 0.0)
+        scale = _source_scale(opmath, in_size, out_size, scale_factor)
+        src = np.maximum(scale * (dst + opmath(0.5)) - opmath(0.5), opmath(0))
     left = np.minimum(np.floor(src.astype(np.float32)).astype(np.int64), in_size - 1)
     right = np.minimum(left + 1, in_size - 1)
-    lam = np.clip(src - left, 0.0, 1.0)  # weight of the right neighbour
-    weights = np.zeros((out_size, in_size))
-    np.add.at(weights, (dst, left), 1.0 - lam)
-    np.add.at(weights, (dst, right), lam)  # adds to the same entry at the last input index
-    return weights
+    lam = np.clip(src - left, 0, 1)  # weight of the right neighbour
+    rows = np.arange(out_size)
+    weights = np.zeros((out_size, in_size), dtype=opmath)
+    np.add.at(weights, (rows, left), 1 - lam)
+    np.add.at(weights, (rows, right), lam)  # adds to the same entry at the last input index
+    return weights.astype(dtype)
 
 
 def interpolate(
@@ -564,7 +602,9 @@ def interpolate(
     coordinates use ``1 / scale_factor`` (not ``H / H_out``) as the scale.
 
     * "nearest" (torch's legacy nearest, not "nearest-exact"): output index i reads input
-      index ``min(floor(i * scale), H - 1)``.
+      index ``min(floor(i * scale), H - 1)``, rounded as torch does: in float32 when
+      ``H_out + W_out <= 128``, so that at rare sizes (2 -> 82) a pixel comes from the
+      neighbour of the one exact arithmetic would pick (see ``_nearest_sources``).
     * "bilinear": separable linear interpolation; ``align_corners`` chooses how output
       coordinates map to input coordinates (see ``_linear_weights``); None means False.
 
@@ -613,13 +653,11 @@ def interpolate(
             f"and output {out_size}"
         )
 
+    axes = list(zip(in_size, out_size, scales, strict=True))  # (in, out, scale_factor) per axis
     if mode == "nearest":
-        rows, cols = (
-            _nearest_sources(n, o, s) for n, o, s in zip(in_size, out_size, scales, strict=True)
-        )
+        small_output = sum(out_size) <= _SMALL_OUTPUT
+        rows, cols = (_nearest_sources(n, o, s, x.dtype, small_output) for n, o, s in axes)
         return x[:, :, rows[:, None], cols[None, :]]
-    r_h, r_w = (
-        _linear_weights(n, o, s, bool(align_corners)).astype(x.dtype)
-        for n, o, s in zip(in_size, out_size, scales, strict=True)
-    )
+    # Bilinear is separable: interpolate rows with R_h, then columns with R_w.
+    r_h, r_w = (_linear_weights(n, o, s, bool(align_corners), x.dtype) for n, o, s in axes)
     return np.einsum("ih,nchw,jw->ncij", r_h, x, r_w, optimize=True)
