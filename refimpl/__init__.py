@@ -11,8 +11,27 @@ by ``python -m refimpl check``.
     ['squeeze_excitation']
 """
 
-from refimpl.registry import Component, Example, Paper, components, create, get, papers
+from refimpl.registry import (
+    Component,
+    Example,
+    Paper,
+    components,
+    create,
+    get,
+    papers,
+    state_dict_numpy,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Component", "Example", "Paper", "__version__", "components", "create", "get", "papers"]
+__all__ = [
+    "Component",
+    "Example",
+    "Paper",
+    "__version__",
+    "components",
+    "create",
+    "get",
+    "papers",
+    "state_dict_numpy",
+]
