@@ -1,0 +1,112 @@
+"""The A^2-Nets paper in the registry: its facts, its component, a random example, invariants."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from refimpl.double_attention.numpy_forward import double_attention
+from refimpl.double_attention.torch_module import DoubleAttention
+from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+
+
+def make_example(seed: int) -> Example:
+    """A double attention block with widths, options and input shape drawn from ``seed``.
+
+    m and n come from a reduction ratio or directly (m != n included); the output
+    convolution and the residual are each on or off (the bare operator included); the
+    maps go from 1 x 1 to 9 x 9, on both sides of hw = c where the module switches the
+    order of its products.
+    """
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 49))
+    output_conv = bool(rng.integers(4))  # on 3 times in 4
+    residual = bool(rng.integers(2))
+    if rng.integers(2):
+        m, n = int(rng.integers(1, 2 * channels + 2)), int(rng.integers(1, 2 * channels + 2))
+    else:
+        m = n = max(1, channels // int(rng.choice([1, 2, 4, 8])))
+    if residual and not output_conv:
+        m = channels
+    module = DoubleAttention(
+        channels, m, n, bias=bool(rng.integers(2)), output_conv=output_conv, residual=residual
+    )
+    randomize_(module.double(), seed).eval()
+    shape = (int(rng.integers(1, 4)), channels, int(rng.integers(1, 10)), int(rng.integers(1, 10)))
+    return Example(module, (random_input(shape, seed + 1),), {"residual": residual})
+
+
+def _within_rows(values: torch.Tensor, columns: torch.Tensor) -> float:
+    """How far the columns of ``values`` (N, k, hw) go outside the row-wise range of
+    ``columns`` (N, k, n); 0 when every column is inside."""
+    low, high = columns.amin(2, keepdim=True), columns.amax(2, keepdim=True)
+    return float(torch.maximum(low - values, values - high).clamp_min(0).max())
+
+
+def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """The block's properties, checked on one example."""
+    module, (x,) = example.module, example.inputs
+    _, maps = module(x, return_maps=True)
+    b_sum = maps["softmax_B"].sum((2, 3))
+    v_sum = maps["softmax_V"].sum(1)
+    found = [
+        Invariant(
+            "each gathering map sums to 1 over positions",
+            bool(torch.allclose(b_sum, torch.ones_like(b_sum), rtol=0, atol=1e-12)),
+            f"max abs(sum - 1) {(b_sum - 1).abs().max():.2e}",
+        ),
+        Invariant(
+            "each distribution vector sums to 1 over descriptors",
+            bool(torch.allclose(v_sum, torch.ones_like(v_sum), rtol=0, atol=1e-12)),
+            f"max abs(sum - 1) {(v_sum - 1).abs().max():.2e}",
+        ),
+    ]
+    # out - X = expand(Z) with z_i = G v_i a convex combination of G's columns, so it is
+    # a convex combination of the columns of W_e G + b_e: inside their row-wise range.
+    G = maps["G"]
+    columns = G
+    if module.expand is not None:
+        weight, bias = module.expand.weight[:, :, 0, 0], module.expand.bias
+        columns = weight @ G + (0 if bias is None else bias[:, None])
+    distributed = (out - x if module.residual else out).flatten(2)
+    excess = _within_rows(distributed, columns)
+    found.append(Invariant("z_i inside G's row-wise [min, max]", excess <= 1e-12, f"{excess:.2e}"))
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
+    x_perm = x.flatten(2)[:, :, perm].reshape(x.shape)
+    out_perm = out.flatten(2)[:, :, perm].reshape(out.shape)
+    err = (module(x_perm) - out_perm).abs().max().item()
+    found.append(Invariant("equivariant to position permutations", err <= 1e-12, f"{err:.2e}"))
+    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
+    found.append(Invariant("batch items independent", err <= 1e-12, f"{err:.2e}"))
+    if module.theta.bias is not None:
+        shifted = copy.deepcopy(module)
+        with torch.no_grad():
+            shifted.theta.bias += torch.linspace(-3.0, 5.0, module.n, dtype=x.dtype)
+            shifted.rho.bias += 7.0  # one constant for every descriptor
+        err = (shifted(x) - out).abs().max().item()
+        found.append(Invariant("softmax logits shifted: no change", err <= 1e-10, f"{err:.2e}"))
+    return found
+
+
+PAPER = Paper(
+    slug="double_attention",
+    title="A^2-Nets: Double Attention Networks",
+    authors="Yunpeng Chen, Yannis Kalantidis, Jianshu Li, Shuicheng Yan, Jiashi Feng",
+    venue="NeurIPS",
+    year=2018,
+    arxiv="1810.11579",
+    tutorial="tutorials/04_double_attention.ipynb",
+    components=(
+        Component(
+            name="double_attention",
+            paper="double_attention",
+            module=DoubleAttention,
+            numpy_forward=double_attention,
+            make_example=make_example,
+            invariants=invariants,
+            aliases=("a2", "double_attention_block"),
+        ),
+    ),
+)
