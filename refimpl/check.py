@@ -109,9 +109,10 @@ def format_table(rows: list[Row]) -> str:
     ]
     for r in rows:
         is_cmp = not r.check.startswith("invariant")
+        check, detail = (text.replace("|", "\\|") for text in (r.check, r.detail))
         lines.append(
-            f"| {r.component} | {r.device} | {r.check} | "
+            f"| {r.component} | {r.device} | {check} | "
             f"{f'{r.max_abs:.2e}' if is_cmp else ''} | {f'{r.worst:.3f}' if is_cmp else ''} | "
-            f"{'ok' if r.ok else 'FAIL'} | {r.detail} |"
+            f"{'ok' if r.ok else 'FAIL'} | {detail} |"
         )
     return "\n".join(lines)
