@@ -1,0 +1,996 @@
+"""CBAM: NumPy against PyTorch, the paper's invariants, official weights, the network."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+import refimpl
+import refimpl.registry
+from refimpl.backbones import count_macs, count_parameters, resnet50
+from refimpl.cbam import (
+    CBAM,
+    ChannelAttention,
+    SpatialAttention,
+    cbam,
+    channel_attention,
+    convert_official_state_dict,
+    popular,
+    spatial_attention,
+)
+from refimpl.cbam.networks import cbam_resnet50, zero_init_spatial_bn_
+from refimpl.cbam.numpy_forward import (
+    channel_attention_map,
+    channel_descriptors,
+    spatial_attention_map,
+    spatial_descriptors,
+)
+from refimpl.cbam.registry import PAPER
+from refimpl.cbam.torch_module import ARRANGEMENTS, VARIANTS
+from refimpl.registry import randomize_, state_dict_numpy
+from tests.strategies import assert_close_report, nchw_shapes, normal, seeds, spread, to_torch
+
+CHANNEL_POOLINGS = (("avg", "max"), ("avg",), ("max",), ("max", "avg"))
+SPATIAL_POOLINGS = (("avg", "max"), ("max", "avg"), ("avg",), ("max",))
+KERNELS = (1, 3, 5, 7, 9)  # 9 > 1 + 2 * 3: larger than many drawn sizes
+
+# Every option of the block, drawn together with the shape. C from 1 upward, so C < r
+# (hidden width 1) comes up often; sizes from 1 x 1, often below the kernel.
+cbam_options = st.fixed_dictionaries(
+    {
+        "reduction": st.sampled_from([1, 2, 4, 16]),
+        "pooling": st.sampled_from(CHANNEL_POOLINGS),
+        "kernel_size": st.sampled_from(KERNELS),
+        "spatial_pooling": st.sampled_from((None, *SPATIAL_POOLINGS)),
+        "arrangement": st.sampled_from(ARRANGEMENTS),
+        "variant": st.sampled_from(VARIANTS),
+        "bias": st.sampled_from([None, False, True]),
+        "spatial_bias": st.booleans(),
+        "spatial_bn": st.sampled_from([None, False, True]),
+    }
+)
+shapes = nchw_shapes(max_c=40)
+
+PAPER_DEFAULTS = dict(
+    reduction=16,
+    pooling=("avg", "max"),
+    kernel_size=7,
+    spatial_pooling=None,
+    arrangement="channel-spatial",
+    variant="paper",
+    bias=None,
+    spatial_bias=False,
+    spatial_bn=None,
+)
+
+
+def build(module_cls, channels: int, opts: dict, seed: int, device="cpu", dtype=torch.float64):
+    """A module with random weights and running statistics from ``seed``."""
+    module = module_cls(channels, **opts)
+    return randomize_(module.double(), seed).to(device=device, dtype=dtype)
+
+
+def numpy_options(opts: dict) -> dict:
+    """The CBAM constructor options the NumPy forward takes (the rest is in the weights)."""
+    keys = ("pooling", "spatial_pooling", "arrangement", "variant")
+    return {k: opts[k] for k in keys if k in opts}
+
+
+def has_bn(opts: dict) -> bool:
+    bn = opts.get("spatial_bn")
+    return opts.get("variant", "paper") == "official" if bn is None else bn
+
+
+def one_value_per_batch(shape, opts, training) -> bool:
+    """Batch norm in training mode is undefined with one value (torch and NumPy raise)."""
+    return training and has_bn(opts) and shape[0] * shape[2] * shape[3] == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement: NumPy float64 is the oracle.
+
+
+@given(shape=shapes, opts=cbam_options, seed=seeds, training=st.booleans())
+@example(shape=(1, 1, 1, 1), opts=PAPER_DEFAULTS, seed=0, training=False)
+@example(shape=(2, 3, 1, 2), opts={**PAPER_DEFAULTS, "kernel_size": 9}, seed=1, training=True)
+@example(shape=(1, 5, 2, 1), opts={**PAPER_DEFAULTS, "variant": "official"}, seed=2, training=True)
+def test_cbam_agrees_with_numpy_float64(device, shape, opts, seed, training):
+    assume(not one_value_per_batch(shape, opts, training))
+    module = build(CBAM, shape[1], opts, seed, device).train(training)
+    params = state_dict_numpy(module)  # before the forward: training updates statistics
+    x = normal(shape, seed + 1)
+    expected, expected_maps = cbam(
+        x, params, training=training, return_maps=True, **numpy_options(opts)
+    )
+    actual, maps = module(to_torch(x, device), return_maps=True)
+    # float64 on both sides; they differ only in the order of the sums (means, matrix
+    # products, the convolution, the batch variance): a few ulps of values of order 1.
+    assert_close_report(actual.detach().cpu().numpy(), expected, rtol=1e-10, atol=1e-12, what="F''")
+    for name in ("M_c", "M_s"):
+        got = maps[name].detach().cpu().numpy()
+        assert_close_report(got, expected_maps[name], rtol=1e-10, atol=1e-12, what=name)
+
+
+@given(shape=shapes, opts=cbam_options, seed=seeds, training=st.booleans())
+def test_cbam_agrees_with_numpy_float32(device, shape, opts, seed, training):
+    # Batch norm in training mode divides by the batch deviation of the spatial logits; on
+    # a handful of values it can be small and magnify float32 rounding. Six values and
+    # more keep it O(1) (and eps = 1e-5 bounds the magnification anyway).
+    assume(not (training and has_bn(opts) and shape[0] * shape[2] * shape[3] < 6))
+    module = build(CBAM, shape[1], opts, seed, device, torch.float32).train(training)
+    params = state_dict_numpy(module)
+    x = normal(shape, seed + 1).astype(np.float32).astype(np.float64)  # the rounded input
+    expected = cbam(x, params, training=training, **numpy_options(opts))
+    actual = module(to_torch(x, device, torch.float32)).detach().cpu().double().numpy()
+    # float32: 2^-24 relative rounding, accumulated over sums of at most 40 channels,
+    # 17 x 17 positions and 2 x 9 x 9 kernel taps: a few hundred ulps at most.
+    assert_close_report(actual, expected, rtol=1e-5, atol=1e-6, what="float32")
+
+
+@given(
+    shape=shapes,
+    reduction=st.sampled_from([1, 2, 4, 16]),
+    pooling=st.sampled_from(CHANNEL_POOLINGS),
+    variant=st.sampled_from(VARIANTS),
+    seed=seeds,
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_channel_attention_agrees_with_numpy(
+    device, shape, reduction, pooling, variant, seed, dtype
+):
+    opts = {"reduction": reduction, "pooling": pooling, "variant": variant}
+    module = build(ChannelAttention, shape[1], opts, seed, device, dtype)
+    x = normal(shape, seed + 1).astype(np.float32).astype(np.float64)
+    expected = channel_attention(x, state_dict_numpy(module), pooling=pooling)
+    actual = module(to_torch(x, device, dtype)).detach().cpu().double().numpy()
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
+    assert_close_report(actual, expected, rtol=rtol, atol=atol, what=str(dtype))
+
+
+@given(
+    shape=shapes,
+    kernel_size=st.sampled_from(KERNELS),
+    pooling=st.sampled_from((None, *SPATIAL_POOLINGS)),
+    variant=st.sampled_from(VARIANTS),
+    bias=st.booleans(),
+    bn=st.sampled_from([None, False, True]),
+    seed=seeds,
+    training=st.booleans(),
+)
+def test_spatial_attention_agrees_with_numpy_float64(
+    device, shape, kernel_size, pooling, variant, bias, bn, seed, training
+):
+    opts = {"pooling": pooling, "variant": variant, "bias": bias, "bn": bn}
+    assume(not one_value_per_batch(shape, {"variant": variant, "spatial_bn": bn}, training))
+    module = build(SpatialAttention, shape[1], {"kernel_size": kernel_size, **opts}, seed, device)
+    module.train(training)
+    params = state_dict_numpy(module)
+    x = normal(shape, seed + 1)
+    expected = spatial_attention(x, params, pooling=pooling, variant=variant, training=training)
+    actual = module(to_torch(x, device)).detach().cpu().numpy()
+    assert_close_report(actual, expected, rtol=1e-10, atol=1e-12, what="spatial float64")
+
+
+@given(shape=shapes, opts=cbam_options, seed=seeds)
+def test_named_steps_agree(shape, opts, seed):
+    """Descriptors and maps agree one by one, not only composed (channel-spatial order)."""
+    opts = {**opts, "arrangement": "channel-spatial"}
+    module = build(CBAM, shape[1], opts, seed).eval()
+    params = state_dict_numpy(module)
+    channel = {k[8:]: v for k, v in params.items() if k.startswith("channel.")}
+    spatial = {k[8:]: v for k, v in params.items() if k.startswith("spatial.")}
+    x = normal(shape, seed + 1)
+    out, maps = module(to_torch(x), return_maps=True)
+    pooling, spatial_pooling = module.channel.pooling, module.spatial.pooling
+    descriptors = channel_descriptors(x, pooling)
+    for name, z in zip(pooling, descriptors, strict=True):
+        z_torch = x.mean(axis=(2, 3)) if name == "avg" else x.max(axis=(2, 3))
+        np.testing.assert_array_equal(z, z_torch)
+    M_c = channel_attention_map(x, channel, pooling)
+    assert_close_report(maps["M_c"].detach().numpy(), M_c, rtol=1e-10, atol=1e-12, what="Eq. 2")
+    F_prime = M_c * x
+    stacked = spatial_descriptors(F_prime, spatial_pooling)
+    assert stacked.shape == (shape[0], len(spatial_pooling), *shape[2:])
+    M_s = spatial_attention_map(F_prime, spatial, spatial_pooling)
+    assert_close_report(maps["M_s"].detach().numpy(), M_s, rtol=1e-10, atol=1e-12, what="Eq. 3")
+    assert_close_report(out.detach().numpy(), M_s * F_prime, rtol=1e-10, atol=1e-12, what="Eq. 1")
+    assert maps["M_c"].shape == (shape[0], shape[1], 1, 1)
+    assert maps["M_s"].shape == (shape[0], 1, *shape[2:])
+
+
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def test_literal_worked_by_hand():
+    """C = 2, hidden 1, a 1x1 spatial kernel: the whole block can be done on paper."""
+    module = CBAM(2, hidden_channels=1, kernel_size=1).double()  # paper: no biases
+    with torch.no_grad():
+        module.channel.reduce.weight.copy_(torch.tensor([[1.0, -1.0]]))  # W0 z = z_0 - z_1
+        module.channel.expand.weight.copy_(torch.tensor([[2.0], [0.0]]))  # W1 h = (2h, 0)
+        module.spatial.conv.weight.copy_(torch.tensor([[[[1.0]], [[-1.0]]]]))  # avg - max
+    x = torch.tensor([[[[1.0, 3.0]], [[0.0, -2.0]]]], dtype=torch.float64)  # (1, 2, 1, 2)
+    # F^c_avg = (2, -1), F^c_max = (3, 0); W0: 3 and 3; MLP: (6, 0) twice; M_c = (s(12), 1/2)
+    s12 = sigmoid(12)
+    M_c = torch.tensor([s12, 0.5], dtype=torch.float64)
+    F_prime = x * M_c[None, :, None, None]  # [[s12, 3 s12], [0, -1]]
+    # position 0: avg s12/2, max s12; position 1: avg (3 s12 - 1)/2, max 3 s12
+    logits = [s12 / 2 - s12, (3 * s12 - 1) / 2 - 3 * s12]
+    M_s = torch.tensor([sigmoid(v) for v in logits], dtype=torch.float64)
+    expected = F_prime * M_s[None, None, None, :]
+    out, maps = module(x, return_maps=True)
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=1e-16)
+    torch.testing.assert_close(maps["M_c"].flatten(), M_c, rtol=1e-15, atol=0)
+    np_out = cbam(x.numpy(), state_dict_numpy(module), spatial_pooling=("avg", "max"))
+    np.testing.assert_allclose(np_out, expected.numpy(), rtol=1e-15, atol=1e-16)
+
+
+def test_official_order_is_the_paper_with_the_conv_inputs_swapped():
+    """[max; mean] with swapped kernels, biases 0 and an identity batch norm = the paper."""
+    paper = build(CBAM, 12, {"reduction": 4, "kernel_size": 5}, seed=3).eval()
+    official = CBAM(12, 4, kernel_size=5, variant="official").double().eval()
+    with torch.no_grad():
+        official.channel.reduce.weight.copy_(paper.channel.reduce.weight)
+        official.channel.expand.weight.copy_(paper.channel.expand.weight)
+        official.channel.reduce.bias.zero_()
+        official.channel.expand.bias.zero_()
+        official.spatial.conv.weight.copy_(paper.spatial.conv.weight.flip(1))  # swap inputs
+        official.spatial.bn.weight.fill_(math.sqrt(1 + 1e-5))  # (l - 0) / sqrt(1 + eps) * w
+    x = to_torch(normal((2, 12, 6, 5), 4))
+    torch.testing.assert_close(official(x), paper(x), rtol=1e-14, atol=1e-15)
+    # and the order matters: unswapped kernels give another function
+    with torch.no_grad():
+        official.spatial.conv.weight.copy_(paper.spatial.conv.weight)
+    assert (official(x) - paper(x)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Invariants.
+
+
+@given(shape=shapes, opts=cbam_options, seed=seeds, training=st.booleans())
+def test_maps_in_unit_interval_and_output_shrinks(shape, opts, seed, training):
+    assume(not one_value_per_batch(shape, opts, training))
+    module = build(CBAM, shape[1], opts, seed).train(training)
+    x = to_torch(normal(shape, seed + 1) * 4)
+    out, maps = module(x, return_maps=True)
+    for name, m in maps.items():
+        assert bool(((m > 0) & (m < 1)).all()), f"{name} outside (0, 1): [{m.min()}, {m.max()}]"
+    assert bool((out.abs() <= x.abs()).all()), "|CBAM(x)| > |x| somewhere"
+    assert bool((out * x >= 0).all()), "a sign flipped"
+    # and the output is exactly what the two maps make of x
+    torch.testing.assert_close(out, x * maps["M_c"] * maps["M_s"], rtol=1e-14, atol=1e-300)
+
+
+def permute_positions(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2)[:, :, perm].reshape(t.shape)
+
+
+@given(shape=nchw_shapes(min_hw=2, max_c=40), opts=cbam_options, seed=seeds)
+def test_channel_map_ignores_the_order_of_positions(shape, opts, seed):
+    """M_c(F) pools over positions: any permutation of them leaves it unchanged."""
+    opts = {**opts, "arrangement": "channel-spatial"}
+    module = build(CBAM, shape[1], opts, seed).eval()
+    gate = module.channel
+    x = to_torch(normal(shape, seed + 1))
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(shape[2] * shape[3]))
+    # sums in another order differ in the last bits; max pooling is exact
+    torch.testing.assert_close(
+        gate.attention_map(permute_positions(x, perm)), gate.attention_map(x), rtol=1e-13, atol=0
+    )
+    _, maps = module(x, return_maps=True)
+    _, maps_perm = module(permute_positions(x, perm), return_maps=True)
+    torch.testing.assert_close(maps_perm["M_c"], maps["M_c"], rtol=1e-13, atol=0)
+    # the channel gate alone then commutes with the permutation
+    torch.testing.assert_close(
+        gate(permute_positions(x, perm)), permute_positions(gate(x), perm), rtol=1e-13, atol=0
+    )
+
+
+@given(shape=nchw_shapes(min_c=2, max_c=40), opts=cbam_options, seed=seeds, training=st.booleans())
+def test_spatial_map_ignores_the_order_of_channels(shape, opts, seed, training):
+    """M_s pools across channels: any permutation of its input's channels leaves it unchanged."""
+    assume(not one_value_per_batch(shape, opts, training))
+    module = build(CBAM, shape[1], opts, seed).train(training)
+    gate = module.spatial
+    x = to_torch(normal(shape, seed + 1))
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(shape[1]))
+    torch.testing.assert_close(
+        gate.attention_map(x[:, perm]), gate.attention_map(x), rtol=1e-13, atol=0
+    )
+    torch.testing.assert_close(gate(x[:, perm]), gate(x)[:, perm], rtol=1e-13, atol=0)
+    if opts["arrangement"] == "parallel":  # M_s of F itself
+        _, maps = module(x, return_maps=True)
+        torch.testing.assert_close(
+            module.spatial.attention_map(x[:, perm]), maps["M_s"], rtol=1e-13, atol=0
+        )
+
+
+@given(shape=shapes, opts=cbam_options, seed=seeds, training=st.booleans())
+def test_zero_spatial_weights_give_one_half_exactly(shape, opts, seed, training):
+    """Zero convolution (and zero bias / batch-norm affine): logits 0, M_s = 0.5 everywhere."""
+    assume(not one_value_per_batch(shape, opts, training))
+    module = build(CBAM, shape[1], opts, seed).train(training)
+    with torch.no_grad():
+        module.spatial.conv.weight.zero_()
+        if module.spatial.conv.bias is not None:
+            module.spatial.conv.bias.zero_()
+    zero_init_spatial_bn_(module)  # the official start: batch norm weight and bias 0
+    x = to_torch(normal(shape, seed + 1))
+    out, maps = module(x, return_maps=True)
+    assert bool((maps["M_s"] == 0.5).all()), f"M_s in [{maps['M_s'].min()}, {maps['M_s'].max()}]"
+    if module.arrangement != "spatial-channel":
+        torch.testing.assert_close(out, x * maps["M_c"] * 0.5, rtol=0, atol=0)
+
+
+@given(shape=shapes, seed=seeds, variant=st.sampled_from(VARIANTS))
+def test_zero_weights_give_gates_one_half(shape, seed, variant):
+    module = CBAM(shape[1], variant=variant).double().eval()
+    for p in module.parameters():
+        torch.nn.init.zeros_(p)
+    x = to_torch(normal(shape, seed))
+    out, maps = module(x, return_maps=True)
+    assert bool((maps["M_c"] == 0.5).all()) and bool((maps["M_s"] == 0.5).all())
+    assert torch.equal(out, x * 0.5 * 0.5)
+
+
+@given(shape=nchw_shapes(max_n=1, max_c=40), opts=cbam_options, seed=seeds, n=st.integers(2, 3))
+def test_batch_items_are_independent_in_eval(shape, opts, seed, n):
+    """Each item's output is what it gets alone, whatever the others in the batch are."""
+    module = build(CBAM, shape[1], opts, seed).eval()
+    batch = to_torch(normal((n, *shape[1:]), seed + 1))
+    together = module(batch)
+    # Not bitwise: BLAS may block a matrix product differently for another batch size.
+    for i in range(n):
+        torch.testing.assert_close(
+            together[i : i + 1], module(batch[i : i + 1]), rtol=1e-13, atol=1e-15
+        )
+
+
+def test_batch_norm_couples_items_in_training_only():
+    """With the official batch norm in training mode, an item's output depends on the others."""
+    module = build(CBAM, 8, {"reduction": 2, "variant": "official"}, seed=1).train()
+    batch = to_torch(normal((3, 8, 5, 5), 2))
+    assert (module(batch)[:1] - module(batch[:1])).abs().max() > 1e-6
+    module.eval()
+    torch.testing.assert_close(module(batch)[:1], module(batch[:1]), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 1), (3, 3), (1, 17), (6, 6)])
+@pytest.mark.parametrize("kernel_size", [3, 7, 9, 15])
+def test_sizes_below_the_kernel(size, kernel_size):
+    """Padding k // 2 keeps the size however small the map is, and NumPy agrees."""
+    module = build(CBAM, 6, {"reduction": 2, "kernel_size": kernel_size}, seed=2).eval()
+    x = normal((2, 6, *size), 3)
+    out = module(to_torch(x)).detach().numpy()
+    assert out.shape == x.shape
+    expected = cbam(x, state_dict_numpy(module))
+    assert_close_report(out, expected, rtol=1e-10, atol=1e-12, what=f"{size}, k={kernel_size}")
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_arrangements_are_different_functions(arrangement):
+    """The three arrangements agree only where they must: the maps' ranges and shapes."""
+    x = to_torch(normal((2, 16, 6, 6), 1))
+    outs = {}
+    for a in ARRANGEMENTS:
+        module = build(CBAM, 16, {"reduction": 4, "arrangement": a}, seed=5).eval()
+        outs[a] = module(x)
+    others = [a for a in ARRANGEMENTS if a != arrangement]
+    for other in others:
+        assert (outs[arrangement] - outs[other]).abs().max() > 1e-4, (arrangement, other)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd.
+
+
+@pytest.mark.parametrize(
+    "arrangement, variant, training",
+    [
+        ("channel-spatial", "paper", False),
+        ("channel-spatial", "official", True),
+        ("spatial-channel", "official", False),
+        ("parallel", "official", True),
+    ],
+)
+def test_gradcheck(device, arrangement, variant, training):
+    opts = {"reduction": 2, "kernel_size": 3, "arrangement": arrangement, "variant": variant}
+    module = build(CBAM, 4, opts, seed=3, device=device).train(training)
+    x = to_torch(spread((2, 4, 3, 3), 4) * 3, device).requires_grad_()  # tie-free maxima
+    names = [n for n, _ in module.named_parameters()]
+    params = tuple(module.parameters())
+
+    def f(x, *weights):
+        state = dict(zip(names, weights, strict=True))
+        return torch.func.functional_call(module, state, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("module_cls", [ChannelAttention, SpatialAttention])
+def test_gradcheck_gates(module_cls):
+    module = build(module_cls, 5, {"variant": "official"}, seed=7)
+    module.train()
+    x = to_torch(spread((2, 5, 3, 4), 8) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(module, (x,), eps=1e-6, atol=1e-8)
+
+
+def plain_cbam(module: CBAM, x: torch.Tensor) -> torch.Tensor:
+    """CBAM in plain autograd ops (mean, amax, products), for the gradients' reference.
+
+    The module itself uses the max with indices, sums for means, and a product that
+    recomputes F' in backward; off ties, all of it must give these gradients."""
+    ch, sp = module.channel, module.spatial
+    pools = {
+        "avg": lambda t, d: t.mean(d, keepdim=True),
+        "max": lambda t, d: t.amax(d, keepdim=True),
+    }
+
+    def M_c(t):
+        logits = 0
+        for p in ch.pooling:
+            z = pools[p](t, (2, 3)).flatten(1)
+            logits = logits + ch.expand(torch.relu(ch.reduce(z)))
+        return torch.sigmoid(logits)[:, :, None, None]
+
+    def M_s(t):
+        s = sp.conv(torch.cat([pools[p](t, 1) for p in sp.pooling], 1))
+        return torch.sigmoid(s if sp.bn is None else sp.bn(s))
+
+    if module.arrangement == "channel-spatial":
+        f = x * M_c(x)
+        return f * M_s(f)
+    if module.arrangement == "spatial-channel":
+        f = x * M_s(x)
+        return f * M_c(f)
+    return x * M_c(x) * M_s(x)
+
+
+@given(
+    shape=nchw_shapes(max_c=16, max_hw=9),
+    opts=cbam_options,
+    seed=seeds,
+    channels_last=st.booleans(),
+)
+@example(  # C = 1: M_c and M_s both have one channel; the backward must not mix them up
+    shape=(2, 1, 3, 4),
+    opts={**PAPER_DEFAULTS, "arrangement": "spatial-channel"},
+    seed=0,
+    channels_last=False,
+)
+def test_gradients_equal_plain_autograd(shape, opts, seed, channels_last):
+    """Our backward (indices, sums, recomputed F') against autograd on the plain formula."""
+    assume(not one_value_per_batch(shape, opts, True))
+    module = build(CBAM, shape[1], opts, seed).train()
+    x = to_torch(spread(shape, seed + 1) * 3)  # tie-free: max pooling's gradient is unique
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = to_torch(normal(shape, seed + 2))
+    grads = []
+    for f in (module, functools.partial(plain_cbam, module)):
+        xg = x.detach().clone().requires_grad_()
+        module.zero_grad()
+        torch.autograd.backward(f(xg), g)
+        grads.append([xg.grad.clone(), *(p.grad.clone() for p in module.parameters())])
+    for ours, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_gradgradcheck(arrangement):
+    """Second derivatives too: the custom backward is made of differentiable operations."""
+    module = build(CBAM, 4, {"reduction": 2, "kernel_size": 3, "arrangement": arrangement}, seed=5)
+    x = to_torch(spread((1, 4, 3, 3), 6) * 3).requires_grad_()
+    assert torch.autograd.gradgradcheck(module, (x,), eps=1e-6, atol=1e-7)
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward, each storage counted once (parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+    kept = []
+
+    def pack(t):
+        kept.append(t)  # keep it alive, so no address is reused while counting
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_for_backward_at_most_twice_the_input(arrangement, variant):
+    for channels in (64, 256):
+        module = CBAM(channels, arrangement=arrangement, variant=variant).train()
+        x = torch.randn(4, channels, 14, 14, requires_grad=True)
+        ratio = saved_bytes(module, x) / (x.numel() * x.element_size())
+        # The input and one intermediate of its size (F', or x * M_s); besides, only maps
+        # of 1/C of it (the max over channels, the stacked pooled maps, M_s, the batch
+        # norm's input) and descriptors of 1/HW of it (pooled over positions, the MLP's).
+        bound = 2 + 6 / channels + 6 / (14 * 14)
+        assert ratio <= bound, f"C = {channels}: saves {ratio:.4f} x the input"
+
+
+# ---------------------------------------------------------------------------------------
+# What a PyTorch module promises.
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_input_not_modified(device, arrangement, grad):
+    """Also on the no-gradient path, which multiplies in place into its own intermediate."""
+    opts = {"reduction": 2, "arrangement": arrangement, "variant": "official"}
+    module = build(CBAM, 8, opts, seed=0, device=device).train()
+    x = to_torch(normal((2, 8, 5, 5), 1), device)
+    before = x.clone()
+    if grad:
+        x.requires_grad_()
+        module(x).sum().backward()
+    else:
+        with torch.no_grad():
+            module(x)
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_no_grad_path_equals_grad_path(arrangement):
+    module = build(CBAM, 8, {"reduction": 2, "arrangement": arrangement}, seed=0).eval()
+    x = to_torch(normal((2, 8, 5, 6), 1))
+    with_grad, maps = module(x, return_maps=True)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without, maps_ng = module(x, return_maps=True)
+    # The paths differ by rounding only: mean without gradients, a scaled sum with them.
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-14, atol=1e-15)
+    for k in maps:
+        torch.testing.assert_close(maps_ng[k], maps[k].detach(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_channels_last(device, arrangement):
+    opts = {"reduction": 4, "arrangement": arrangement, "variant": "official"}
+    module = build(CBAM, 16, opts, seed=0, device=device).eval()
+    x = to_torch(normal((2, 16, 7, 5), 1), device)
+    out_cl = module(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_cl, module(x), rtol=1e-12, atol=1e-14)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float32_output_dtype_and_device(device):
+    for module in (CBAM(8, 2), ChannelAttention(8, 2), SpatialAttention(8)):
+        out = module.to(device)(torch.ones(1, 8, 3, 3, device=device))
+        assert out.dtype == torch.float32 and out.device.type == device
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_autocast_stays_finite_and_close(device, dtype, variant):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 autocast is a CUDA feature; bfloat16 covers the CPU")
+    opts = {"reduction": 4, "variant": variant}
+    module = build(CBAM, 32, opts, seed=0, device=device, dtype=torch.float32).eval()
+    x = to_torch(normal((2, 32, 9, 9), 1) * 3, device, torch.float32)
+    with torch.autocast(device_type=device, dtype=dtype):
+        out = module(x)
+        huge = module(x * 1e4)
+    assert torch.isfinite(out).all() and torch.isfinite(huge).all()
+    # out = x * M_c * M_s. The MLP and the convolution run in bfloat16 (8 bits of
+    # mantissa): logits of order 10 carry errors of ~0.04, and a sigmoid moves by at most
+    # a quarter of that; two gates: |out - out_fp32| <= ~2% of |x| (measured 0.5%).
+    err = (out.float() - module(x)).abs()
+    assert bool((err <= 2e-2 * x.abs() + 1e-6).all()), f"max err / |x| {(err / x.abs()).max()}"
+    # and a training step under autocast: the custom backward gets mixed dtypes
+    module.train()
+    x.requires_grad_()
+    with torch.autocast(device_type=device, dtype=dtype):
+        loss = module(x).square().mean()
+    loss.backward()
+    grads = [x.grad, *(p.grad for p in module.parameters())]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_compile_fullgraph_eager_backend_all_options():
+    """Graph capture with no break, for every arrangement, variant and both gates."""
+    x = to_torch(normal((2, 8, 5, 3), 2))
+    torch._dynamo.reset()  # each new module recompiles; start below the recompile limit
+    for arrangement in ARRANGEMENTS:
+        for variant in VARIANTS:
+            pooling = ("max",) if arrangement == "parallel" else ("avg", "max")
+            opts = {"reduction": 2, "arrangement": arrangement, "variant": variant}
+            module = build(CBAM, 8, {**opts, "pooling": pooling}, seed=1).eval()
+            torch._dynamo.reset()
+            compiled = torch.compile(module, fullgraph=True, backend="eager")
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-14)
+            with torch.no_grad():  # the in-place path
+                torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-14)
+    for module in (build(ChannelAttention, 8, {}, 1), build(SpatialAttention, 8, {"bn": True}, 1)):
+        module.eval()
+        compiled = torch.compile(module, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    module = build(CBAM, 16, {"reduction": 4, "variant": "official"}, seed=1, dtype=torch.float32)
+    module.eval()
+    x = to_torch(normal((2, 16, 7, 7), 2), dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export(variant):
+    module = build(CBAM, 8, {"reduction": 2, "variant": variant}, seed=1).eval()
+    x = to_torch(normal((2, 8, 5, 3), 2))
+    exported = torch.export.export(module, (x,))
+    torch.testing.assert_close(exported.module()(x), module(x), rtol=0, atol=0)
+
+
+def test_state_dict_keys_are_the_numpy_params():
+    assert list(CBAM(32).state_dict()) == [
+        "channel.reduce.weight",
+        "channel.expand.weight",
+        "spatial.conv.weight",
+    ]
+    assert list(CBAM(32, variant="official").state_dict()) == [
+        "channel.reduce.weight",
+        "channel.reduce.bias",
+        "channel.expand.weight",
+        "channel.expand.bias",
+        "spatial.conv.weight",
+        "spatial.bn.weight",
+        "spatial.bn.bias",
+        "spatial.bn.running_mean",
+        "spatial.bn.running_var",
+        "spatial.bn.num_batches_tracked",
+    ]
+    assert list(SpatialAttention(8, bias=True).state_dict()) == ["conv.weight", "conv.bias"]
+    assert SpatialAttention(8, pooling="max").conv.weight.shape == (1, 1, 7, 7)
+
+
+def test_variant_presets_and_overrides():
+    paper, official = CBAM(32), CBAM(32, variant="official")
+    assert paper.channel.reduce.bias is None and official.channel.reduce.bias is not None
+    assert paper.spatial.pooling == ("avg", "max") and official.spatial.pooling == ("max", "avg")
+    assert paper.spatial.bn is None and official.spatial.bn is not None
+    assert official.spatial.bn.momentum == 0.01 and official.spatial.bn.eps == 1e-5
+    mixed = CBAM(32, variant="official", bias=False, spatial_pooling="avg+max", spatial_bn=False)
+    assert mixed.channel.reduce.bias is None and mixed.spatial.pooling == ("avg", "max")
+    assert mixed.spatial.bn is None
+    assert CBAM(32, pooling="max").channel.pooling == ("max",)
+
+
+@given(channels=st.integers(1, 300), reduction=st.integers(1, 64))
+def test_hidden_width_is_floor_of_c_over_r_at_least_one(channels, reduction):
+    module = CBAM(channels, reduction)
+    assert module.hidden_channels == max(1, channels // reduction)
+    assert module.channel.reduce.weight.shape == (module.hidden_channels, channels)
+
+
+def test_reset_parameters_and_repr():
+    module = CBAM(16, 4, variant="official", kernel_size=3, arrangement="parallel")
+    for p in module.parameters():
+        torch.nn.init.zeros_(p)
+    module.reset_parameters()
+    assert module.channel.reduce.weight.abs().sum() > 0
+    assert module.spatial.conv.weight.abs().sum() > 0
+    assert torch.equal(module.spatial.bn.weight, torch.ones(1))
+    text = repr(module)
+    for part in ("arrangement='parallel'", "variant='official'", "hidden_channels=4",
+                 "kernel_size=3", "('max', 'avg')", "bn=True", "bias=True"):  # fmt: skip
+        assert part in text, part
+
+
+def test_registry_components_and_create_by_name(monkeypatch):
+    if "cbam" not in refimpl.registry.PAPER_PACKAGES:  # until the lead registers the paper
+        monkeypatch.setattr(
+            refimpl.registry, "PAPER_PACKAGES", (*refimpl.registry.PAPER_PACKAGES, "cbam")
+        )
+    assert [c.name for c in PAPER.components] == ["channel_attention", "spatial_attention", "cbam"]
+    module = refimpl.create("cbam", 64, reduction=8, variant="official")
+    assert isinstance(module, CBAM) and module.hidden_channels == 8
+    assert isinstance(refimpl.create("channel_attention", 64), ChannelAttention)
+    assert isinstance(refimpl.create("spatial_attention", 64, kernel_size=3), SpatialAttention)
+    with torch.device("meta"):
+        net = resnet50(attention="cbam", attention_options={"variant": "official"})
+    assert isinstance(net.layer1[0].attention, CBAM)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_registry_examples_pass_their_invariants(seed):
+    for comp in PAPER.components:
+        example = comp.make_example(seed)
+        with torch.no_grad():
+            out = example.module(*example.inputs)
+            found = comp.invariants(example, out)
+        assert found and all(inv.ok for inv in found), [i for i in found if not i.ok]
+        params = state_dict_numpy(example.module)
+        expected = comp.numpy_forward(
+            *[x.numpy() for x in example.inputs], params, **example.options
+        )
+        assert_close_report(out.numpy(), expected, rtol=1e-10, atol=1e-12, what=comp.name)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: clear errors that say what was expected and what came.
+
+
+@pytest.mark.parametrize(
+    "x, error, words",
+    [
+        (torch.zeros(8, 5, 5), ValueError, ["(N, C, H, W)", "3 dimensions"]),
+        (torch.zeros(1, 8, 5, 5, 1), ValueError, ["(N, C, H, W)", "5 dimensions"]),
+        (torch.zeros(1, 7, 5, 5), ValueError, ["8 channels", "7 channels"]),
+        (torch.zeros(0, 8, 5, 5), ValueError, ["non-empty"]),
+        (torch.zeros(1, 8, 0, 5), ValueError, ["non-empty"]),
+        (torch.zeros(1, 8, 5, 5, dtype=torch.int64), TypeError, ["floating point", "int64"]),
+        (torch.zeros(1, 8, 5, 5, dtype=torch.complex64), TypeError, ["complex64"]),
+        (np.zeros((1, 8, 5, 5)), TypeError, ["torch.Tensor", "ndarray"]),
+    ],
+)
+@pytest.mark.parametrize("which", ["cbam", "channel", "spatial"])
+def test_bad_input_raises_clear_errors(x, error, words, which):
+    module, numpy_fn = {
+        "cbam": (CBAM(8, 2), cbam),
+        "channel": (ChannelAttention(8, 2), channel_attention),
+        "spatial": (SpatialAttention(8), spatial_attention),
+    }[which]
+    with pytest.raises(error) as info:
+        module(x)
+    for word in words:
+        assert word in str(info.value)
+    # the NumPy side says the same (the spatial gate's weights do not know C)
+    if isinstance(x, torch.Tensor) and not (which == "spatial" and "channels" in words[0]):
+        with pytest.raises(error) as np_info:
+            numpy_fn(x.numpy(), state_dict_numpy(module))
+        for word in words:
+            assert word in str(np_info.value)
+
+
+def test_batch_norm_training_with_one_value_raises_on_both_sides():
+    module = CBAM(4, 2, variant="official").double().train()
+    x = torch.zeros(1, 4, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        module(x)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        cbam(x.numpy(), state_dict_numpy(module), variant="official", training=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"channels": 0}, ["channels", "positive"]),
+        ({"channels": 8, "reduction": 0}, ["reduction"]),
+        ({"channels": 8, "hidden_channels": 0}, ["hidden_channels"]),
+        ({"channels": 8.0}, ["channels"]),
+        ({"channels": 8, "kernel_size": 4}, ["kernel_size", "odd", "4"]),
+        ({"channels": 8, "kernel_size": 0}, ["kernel_size", "positive"]),
+        ({"channels": 8, "pooling": "mean"}, ["pooling", "'avg'"]),
+        ({"channels": 8, "pooling": ()}, ["pooling", "at least one"]),
+        ({"channels": 8, "pooling": ("avg", "avg")}, ["pooling", "distinct"]),
+        ({"channels": 8, "pooling": 3}, ["pooling", "sequence"]),
+        ({"channels": 8, "spatial_pooling": "avg+lse"}, ["spatial_pooling", "'max'"]),
+        ({"channels": 8, "arrangement": "sequential"}, ["arrangement", "'parallel'"]),
+        ({"channels": 8, "variant": "timm"}, ["variant", "'official'"]),
+    ],
+)
+def test_bad_options_raise(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        CBAM(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_numpy_rejects_bad_options():
+    params = state_dict_numpy(CBAM(8, 2))
+    x = np.zeros((1, 8, 2, 2))
+    for kwargs, word in [
+        ({"pooling": "mean"}, "pooling"),
+        ({"arrangement": "both"}, "arrangement"),
+        ({"variant": "timm"}, "variant"),
+        ({"spatial_pooling": ("avg",)}, "conv.weight"),  # 1 map for a 2-map kernel
+    ]:
+        with pytest.raises(ValueError, match=word):
+            cbam(x, params, **kwargs)
+
+
+def test_deepcopy_and_train_mode():
+    x = to_torch(normal((3, 8, 4, 4), 6))
+    paper = build(CBAM, 8, {"reduction": 2}, seed=5).eval()
+    torch.testing.assert_close(copy.deepcopy(paper).train()(x), paper(x), rtol=0, atol=0)
+    official = build(CBAM, 8, {"reduction": 2, "variant": "official"}, seed=5).eval()
+    assert (copy.deepcopy(official).train()(x) - official(x)).abs().max() > 1e-6  # batch stats
+
+
+# ---------------------------------------------------------------------------------------
+# Official weights and the transcriptions of other code.
+
+
+def official_state_dict(channels: int, hidden: int, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict laid out as the authors' CBAM saves it, with random values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.5):
+        return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+    return {
+        "ChannelGate.mlp.1.weight": r(hidden, channels, scale=channels**-0.5),
+        "ChannelGate.mlp.1.bias": r(hidden),
+        "ChannelGate.mlp.3.weight": r(channels, hidden, scale=hidden**-0.5),
+        "ChannelGate.mlp.3.bias": r(channels),
+        "SpatialGate.spatial.conv.weight": r(1, 2, 7, 7, scale=0.1),
+        "SpatialGate.spatial.bn.weight": 1 + r(1),
+        "SpatialGate.spatial.bn.bias": r(1),
+        "SpatialGate.spatial.bn.running_mean": r(1),
+        "SpatialGate.spatial.bn.running_var": 0.5 + r(1).abs(),
+        "SpatialGate.spatial.bn.num_batches_tracked": torch.tensor(1000),
+    }
+
+
+def official_formula(x: torch.Tensor, sd: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    """The official CBAM written out from its source, independently of refimpl's modules."""
+    n, c, h, w = x.shape
+
+    def mlp(v):  # Flatten, Linear, ReLU, Linear
+        v = v.reshape(n, c) @ sd["ChannelGate.mlp.1.weight"].T + sd["ChannelGate.mlp.1.bias"]
+        return v.clamp_min(0) @ sd["ChannelGate.mlp.3.weight"].T + sd["ChannelGate.mlp.3.bias"]
+
+    att = mlp(F.avg_pool2d(x, (h, w), stride=(h, w))) + mlp(F.max_pool2d(x, (h, w), stride=(h, w)))
+    x = x * torch.sigmoid(att)[:, :, None, None]
+    pooled = torch.cat([x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)], 1)  # [max; mean]
+    s = F.conv2d(pooled, sd["SpatialGate.spatial.conv.weight"], padding=3)
+    if training:
+        mean, var = s.mean(), s.var(unbiased=False)
+    else:
+        mean, var = (
+            sd["SpatialGate.spatial.bn.running_mean"],
+            sd["SpatialGate.spatial.bn.running_var"],
+        )
+    s = (s - mean) / torch.sqrt(var + 1e-5) * sd["SpatialGate.spatial.bn.weight"]
+    s = s + sd["SpatialGate.spatial.bn.bias"]
+    return x * torch.sigmoid(s)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "module.layer3.4.cbam."])
+@pytest.mark.parametrize("training", [False, True])
+def test_official_state_dict_loads_and_matches_the_official_formula(prefix, training):
+    sd = official_state_dict(48, 3, seed=11)
+    converted = convert_official_state_dict({prefix + k: v for k, v in sd.items()})
+    expected_prefix = "layer3.4.attention." if "layer" in prefix else ""
+    converted = {k.removeprefix(expected_prefix): v for k, v in converted.items()}
+    module = CBAM(48, 16, variant="official").double().train(training)
+    module.load_state_dict(converted, strict=True)
+    x = to_torch(normal((3, 48, 9, 8), 12))
+    torch.testing.assert_close(module(x), official_formula(x, sd, training), rtol=1e-12, atol=1e-14)
+    # and the NumPy side reads the converted weights as they are
+    np_out = cbam(x.numpy(), state_dict_numpy(module), variant="official", training=training)
+    assert_close_report(np_out, official_formula(x, sd, training).numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_converter_accepts_a_checkpoint_and_rejects_foreign_gate_keys():
+    sd = official_state_dict(32, 2, seed=1)
+    from_checkpoint = convert_official_state_dict({"epoch": 90, "state_dict": sd})
+    assert from_checkpoint.keys() == convert_official_state_dict(sd).keys()
+    with pytest.raises(ValueError, match="ChannelGate.mlp.5.weight"):
+        convert_official_state_dict({"ChannelGate.mlp.5.weight": torch.zeros(1)})
+
+
+def test_official_network_state_dict_loads():
+    """Every key of an official CBAM-ResNet-50 (torchvision layout) finds its place."""
+    with torch.device("meta"):
+        ours = cbam_resnet50(layout="torchvision", variant="official")
+    ours_keys = set(ours.state_dict())
+
+    def to_official(key: str) -> str:  # the official names, written out independently
+        key = key.replace(".attention.channel.reduce.", ".cbam.ChannelGate.mlp.1.")
+        key = key.replace(".attention.channel.expand.", ".cbam.ChannelGate.mlp.3.")
+        key = key.replace(".attention.spatial.", ".cbam.SpatialGate.spatial.")
+        key = key.replace(".downsample.conv.", ".downsample.0.").replace(
+            ".downsample.bn.", ".downsample.1."
+        )
+        return "module." + key
+
+    official = {to_official(k): k for k in ours_keys}  # official name -> our name
+    assert "module.layer1.0.cbam.ChannelGate.mlp.1.weight" in official
+    assert "module.layer4.2.cbam.SpatialGate.spatial.bn.running_var" in official
+    converted = convert_official_state_dict(official)  # values: the name each must get
+    assert set(converted) == ours_keys
+    assert all(key == value for key, value in converted.items())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_transcriptions_compute_what_ours_does(training):
+    """popular.py's peers, with our weights copied in, give our outputs."""
+    x = to_torch(normal((2, 64, 9, 7), 3))
+    pairs = [
+        (popular.build_popular_cbam, popular.load_popular_cbam, popular.POPULAR_OURS_OPTIONS),
+        (popular.build_official_cbam, popular.load_official_cbam, popular.OFFICIAL_OURS_OPTIONS),
+    ]
+    try:
+        popular.build_timm_cbam(64, 4)
+        pairs.append((popular.build_timm_cbam, popular.load_timm_cbam, popular.TIMM_OURS_OPTIONS))
+    except ImportError:
+        pass
+    for build_peer, load, options in pairs:
+        ours = randomize_(CBAM(64, **options).double(), 0).train(training)
+        peer = build_peer(64, ours.hidden_channels).double().train(training)
+        load(peer, ours)
+        torch.testing.assert_close(peer(x), ours(x), rtol=1e-12, atol=1e-14)
+    # the official transcription's state dict converts into ours
+    official = popular.OfficialCBAM(64).double()
+    ours = CBAM(64, variant="official").double()
+    ours.load_state_dict(convert_official_state_dict(official.state_dict()))
+    torch.testing.assert_close(
+        ours.train(training)(x), official.train(training)(x), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_popular_transcription_keeps_its_kernel_restriction():
+    with pytest.raises(AssertionError):
+        popular.PopularCBAM(64, kernel_size=5)
+    CBAM(64, kernel_size=5)(torch.randn(1, 64, 3, 3))  # ours: any odd kernel
+
+
+# ---------------------------------------------------------------------------------------
+# CBAM-ResNet-50 against the paper's Table 4 (v1 layout, 224 x 224, 1000 classes).
+
+
+def assert_rel(measured: float, published: float, rtol: float, what: str) -> None:
+    rel = measured / published - 1
+    assert abs(rel) <= rtol, f"{what}: measured {measured:.6g}, published {published}, {rel:+.3%}"
+
+
+def test_cbam_resnet50_parameters_and_macs():
+    with torch.device("meta"):
+        official = cbam_resnet50()
+        paper = cbam_resnet50(variant="paper")
+        no_bn = cbam_resnet50(cbam_options={"spatial_bn": False})
+    # Published: 28.09M and 3.864 GMAC (ResNet-50: 25.56M, 3.858 GMAC). Within 0.5%: the
+    # table prints four significant digits; see refimpl/cbam/networks.py.
+    assert_rel(count_parameters(official), 28.09e6, 0.005, "CBAM-ResNet-50 parameters")
+    assert_rel(count_macs(official), 3.864e9, 0.005, "CBAM-ResNet-50 MACs")
+    assert count_parameters(official) == 28_089_624  # exact to the published digits
+    assert round(count_macs(official) / 1e6) == 3864
+    # the published 28.09M needs the MLP biases; the spatial batch norm is 2 x 16
+    assert count_parameters(official) - count_parameters(no_bn) == 32
+    assert count_parameters(official) - count_parameters(paper) == 16_080  # biases + BN
+    assert count_macs(paper) == count_macs(official)
+
+
+def test_cbam_resnet50_layouts_and_placement():
+    with torch.device("meta"):
+        v1, tv = cbam_resnet50(), cbam_resnet50(layout="torchvision")
+        base, base_tv = resnet50(), resnet50(layout="torchvision")
+    assert count_parameters(tv) == count_parameters(v1)
+    # CBAM's own MACs do not depend on where the stride sits
+    assert count_macs(tv) - count_macs(v1) == count_macs(base_tv) - count_macs(base)
+    blocks = v1.blocks()
+    assert len(blocks) == 16 and all(isinstance(b.attention, CBAM) for b in blocks)
+    assert [b.attention.channels for b in blocks] == [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+    with pytest.raises(TypeError, match="CBAM"):
+        cbam_resnet50(attention="se")
+
+
+def test_small_cbam_resnet_trains():
+    net = cbam_resnet50(10, widths=(4, 4, 8, 8), cbam_options={"pooling": "avg+max"}).double()
+    zero_init_spatial_bn_(net)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = net(x)
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
