@@ -367,3 +367,15 @@ def test_deepcopy_and_train_mode_do_not_change_the_output():
     x = to_torch(normal((3, 8, 4, 4), 6))
     clone = copy.deepcopy(module).train()
     torch.testing.assert_close(clone(x), module.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_squeeze_is_the_mean_in_every_dtype(dtype):
+    """The float32/64 squeeze is a sum and a division (cheaper backward): it must give the
+    mean to the bit; half precision keeps the mean, since a sum of 56 x 56 values of 30
+    overflows float16 (max 65504)."""
+    module = SqueezeExcitation(4, 2)
+    x = to_torch(normal((2, 4, 9, 7), 0), dtype=dtype)
+    assert torch.equal(module.squeeze(x), x.mean((2, 3)))
+    big = torch.full((1, 4, 56, 56), 30.0, dtype=dtype)
+    assert torch.isfinite(module.squeeze(big)).all()
