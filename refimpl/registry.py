@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 #: Paper packages, in the order of the tutorials. Add a slug here to register a paper.
-PAPER_PACKAGES: tuple[str, ...] = ("squeeze_excitation", "cbam", "bam", "double_attention")
+PAPER_PACKAGES: tuple[str, ...] = (
+    "residual_attention",
+    "squeeze_excitation",
+    "cbam",
+    "bam",
+    "double_attention",
+)
 
 #: PyTorch against the NumPy float64 oracle, (rtol, atol). float64: both sides compute the
 #: same sums in another order, a few ulps of O(1) values. float32: 2^-24 relative rounding

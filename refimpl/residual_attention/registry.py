@@ -1,0 +1,312 @@
+"""The Residual Attention paper in the registry: its components, random examples, invariants.
+
+Every example has a batch of at least 2, so that batch norm in training mode has more than
+one value per channel at every level of the mask branch, even where it pools down to 1x1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+from refimpl.residual_attention.numpy_forward import (
+    attention_module,
+    mask_head,
+    residual_unit,
+    soft_mask_branch,
+)
+from refimpl.residual_attention.torch_module import (
+    ACTIVATIONS,
+    LEARNINGS,
+    SPATIAL_EPS,
+    AttentionModule,
+    MaskHead,
+    ResidualUnit,
+    SoftMaskBranch,
+    mask_activation,
+)
+
+# float32 against the float64 oracle, for the mask branch and the attention module. One
+# unit is three convolutions and three batch norms deep; a module chains up to 2p + t +
+# 2 depth + 2 units (about 15). Rounding (6e-8) is amplified wherever the function is
+# ill-conditioned, and a deep random network always has a few such places: a batch norm in
+# training mode whose channel is nearly constant over its values (x - mean cancels), f3 on
+# a channel whose logits barely vary (it divides by their std), f2 at a position whose
+# logit vector is short. The examples keep off the worst of it (see _shape and
+# keep_channel_logits_off_zero_); measured then, the smallest rtol (with atol = rtol / 10)
+# that passes, worst over 300 seeds: 4.6e-5 (mask branch), 2.0e-4 (module, f3 in training
+# mode; 7e-5 otherwise), 1.1e-5 in eval mode. rtol 5e-4 leaves a margin of 2.5; a wrong
+# formula (an axis, an epsilon, a skipped unit) moves outputs by 1e-2 or more. The tests
+# add each example's own measured sensitivity to float32 rounding to this tolerance.
+# The residual unit and the mask head keep the default float32 tolerance (worst: 4.6e-6
+# and 2.9e-6 relative).
+DEEP_TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (5e-4, 5e-5)}
+
+
+def _shape(
+    rng: np.random.Generator, channels: int, max_hw: int = 12, depth: int = 0
+) -> tuple[int, ...]:
+    """(N, C, H, W) with N in 2-3; H, W from 1 to max_hw - 1, or, for a mask branch of
+    ``depth`` poolings, from 2^(depth+1) + 1 up, so that its deepest level keeps at least
+    3x3 positions: batch norm in training mode then normalises 18 or more values per
+    channel at every level. With 2 to 8 values a channel is often nearly constant, and
+    float32's cancellation in x - mean grows beyond any fixed tolerance (the tests cover
+    1x1 levels, in float64, and in float32 with a tolerance that measures it)."""
+    low = 2 ** (depth + 1) + 1 if depth else 1
+    hw = rng.integers(low, max(max_hw, low + 8), size=2)
+    return (int(rng.integers(2, 4)), channels, int(hw[0]), int(hw[1]))
+
+
+def _example(module: torch.nn.Module, shape: tuple[int, ...], seed: int, options: dict) -> Example:
+    randomize_(module.double(), seed).eval()
+    if options.get("activation") == "channel":
+        keep_channel_logits_off_zero_(module)
+    return Example(module, (random_input(shape, seed + 1),), options)
+
+
+def keep_channel_logits_off_zero_(module: torch.nn.Module, shift: float = 4.0) -> None:
+    """Shift the mask head's last batch-norm bias by ``shift``, in place.
+
+    f2 divides each position's logit vector s_i by its norm: undefined at s_i = 0 and
+    conditioned as 1 / ||s_i|| near it, so float32 rounding of s (~1e-6) grows without
+    bound at positions where random weights happen to make ||s_i|| small (0.01 in 1 of 50
+    random examples). With every input to the last convolution shifted up by 4, s_i is
+    dominated by 4 W2 1 and stays well away from 0: an example off the kink, like the
+    tie-free inputs elsewhere, instead of a tolerance wide enough for any conditioning.
+    """
+    for m in module.modules():
+        if isinstance(m, MaskHead) and m.activation == "channel":
+            with torch.no_grad():
+                m.bn2.bias += shift
+
+
+def example_residual_unit(seed: int) -> Example:
+    """A unit, identity or projection shortcut, stride 1 or 2, from ``seed``."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 25))
+    out_channels = channels if rng.integers(2) else int(rng.integers(1, 25))
+    stride = int(rng.choice([1, 2]))
+    module = ResidualUnit(channels, out_channels, stride)
+    return _example(module, _shape(rng, channels), seed, {"stride": stride})
+
+
+def example_mask_head(seed: int) -> Example:
+    """A mask head with a random activation, from ``seed``."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 25))
+    options = {"activation": ACTIVATIONS[seed % 3]}  # any 3 seeds in a row: f1, f2, f3
+    return _example(MaskHead(channels, **options), _shape(rng, channels), seed, options)
+
+
+def example_soft_mask_branch(seed: int) -> Example:
+    """A mask branch of depth 1-3, any number of skips, r 1-2, from ``seed``."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 17))
+    depth = int(rng.integers(1, 4))
+    options = {
+        "activation": ACTIVATIONS[seed % 3],  # any 3 consecutive seeds cover f1, f2, f3
+        "align_corners": bool(rng.integers(2)),
+    }
+    module = SoftMaskBranch(
+        channels,
+        int(rng.integers(1, 3)),
+        depth=depth,
+        skips=int(rng.integers(0, depth)),
+        **options,
+    )
+    return _example(module, _shape(rng, channels, 18, depth), seed, options)
+
+
+def example_attention_module(seed: int) -> Example:
+    """An attention module with p, t, r, depth, skips and every option drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 17))
+    depth = int(rng.integers(1, 4))
+    learning = str(rng.choice(LEARNINGS))
+    # A forced mask of 0 under NAL makes H = 0: the last units' batch norms then see
+    # constant channels (the degenerate case of _shape's note); forced 0 with ARL only.
+    forced = [0.0, 0.5, 1.0] if learning == "arl" else [0.5, 1.0]
+    options = {
+        "activation": ACTIVATIONS[seed % 3],  # any 3 consecutive seeds cover f1, f2, f3
+        "learning": learning,
+        "force_mask": None if rng.integers(4) else float(rng.choice(forced)),
+        "align_corners": bool(rng.integers(2)),
+    }
+    module = AttentionModule(
+        channels,
+        int(rng.integers(0, 3)),
+        int(rng.integers(0, 3)),
+        int(rng.integers(1, 3)),
+        depth=depth,
+        skips=int(rng.integers(0, depth)),
+        **options,
+    )
+    return _example(module, _shape(rng, channels, 18, depth), seed, options)
+
+
+# ---------------------------------------------------------------------------------------
+# Invariants
+
+
+def _batch_independent(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> Invariant:
+    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
+    return Invariant("batch items independent (eval)", err <= 1e-12, f"{err:.2e}")
+
+
+def _mask_invariants(M: torch.Tensor, s: torch.Tensor | None, activation: str) -> list[Invariant]:
+    """What each activation guarantees of the mask M (and its logits s, when known)."""
+    if activation == "channel":
+        norm = M.norm(dim=1)  # (N, H, W)
+        zero = (s == 0).all(dim=1) if s is not None else torch.zeros_like(norm, dtype=torch.bool)
+        err = torch.where(zero, norm, (norm - 1).abs()).max().item()
+        return [Invariant("channel mask: unit L2 norm over channels", err <= 1e-12, f"{err:.2e}")]
+    inside = bool(((M >= 0) & (M <= 1)).all())
+    found = [
+        Invariant("mask in [0, 1], so 1 + M in [1, 2]", inside, f"[{M.min():.3g}, {M.max():.3g}]")
+    ]
+    if activation == "spatial" and s is not None:
+        moved = mask_activation(2.0 * s + 3.0, "spatial")
+        ratio = ((moved - M).abs() / spatial_shift_scale_bound(s, 2.0)).max().item()
+        found.append(
+            Invariant(
+                "spatial mask: unchanged by 2 s + 3 per channel, up to its epsilon",
+                ratio <= 1.0,
+                f"largest change / its bound: {ratio:.2e}",
+            )
+        )
+    return found
+
+
+def spatial_shift_scale_bound(s: torch.Tensor, a: float) -> torch.Tensor:
+    """How far f3's mask may move when a channel's logits s become a s + b (a > 0).
+
+    Without the epsilon, not at all. With it, z = (s - mean) / sqrt(var + eps) becomes
+    z sqrt(var + eps) / sqrt(var + eps / a^2): a relative change of at most
+    eps |1 - 1/a^2| / (2 var), and the sigmoid's slope is at most 1/4. Per channel,
+    (N, C, 1, 1), plus 1e-12 for rounding; infinite for a constant channel (whose mask is
+    1/2 either way).
+    """
+    var, mean = torch.var_mean(s, dim=(2, 3), correction=0, keepdim=True)
+    z = (s - mean) * torch.rsqrt(var + SPATIAL_EPS)
+    relative = SPATIAL_EPS * abs(1 - 1 / a**2) / (2 * var)
+    bound = z.abs().amax(dim=(2, 3), keepdim=True) * relative / 4 + 1e-12
+    return torch.where(var > 0, bound, torch.inf)
+
+
+def invariants_residual_unit(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """Shape, the identity at zero residual, batch independence."""
+    module, (x,) = example.module, example.inputs
+    h, w = -(-x.shape[2] // module.stride), -(-x.shape[3] // module.stride)
+    shape_ok = tuple(out.shape) == (x.shape[0], module.out_channels, h, w)
+    found = [Invariant("output (N, C_out, ceil(H/s), ceil(W/s))", shape_ok, str(tuple(out.shape)))]
+    if module.shortcut is None:
+        zeroed = copy.deepcopy(module)
+        torch.nn.init.zeros_(zeroed.conv3.weight)
+        found.append(Invariant("F = 0 gives the identity", torch.equal(zeroed(x), x), ""))
+    found.append(_batch_independent(module, x, out))
+    return found
+
+
+def invariants_mask_head(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """The activation's guarantee; batch independence."""
+    module, (x,) = example.module, example.inputs
+    _, maps = module(x, return_maps=True)
+    return [
+        *_mask_invariants(out, maps["s"], module.activation),
+        _batch_independent(module, x, out),
+    ]
+
+
+def invariants_soft_mask_branch(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """The mask has the input's size at any input size; the activation's guarantee."""
+    module, (x,) = example.module, example.inputs
+    _, maps = module(x, return_maps=True)
+    found = [Invariant("mask of the input's shape", out.shape == x.shape, str(tuple(out.shape)))]
+    return [
+        *found,
+        *_mask_invariants(out, maps["s"], module.activation),
+        _batch_independent(module, x, out),
+    ]
+
+
+def invariants_attention_module(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """M = 0 gives H = T exactly; the bounds of H; the mask's guarantees; batch independence."""
+    module, (x,) = example.module, example.inputs
+    _, maps = module(x, return_maps=True)
+    T, M, H = maps["T"], maps["M"], maps["H"]
+    found = [Invariant("output of the input's shape", out.shape == x.shape, str(tuple(out.shape)))]
+    forced = copy.deepcopy(module)
+    forced.force_mask, forced.learning = 0.0, "arl"
+    out0, maps0 = forced(x, return_maps=True)
+    identity = torch.equal(maps0["H"], maps0["T"]) and torch.equal(out0, forced.post(maps0["T"]))
+    found.append(Invariant("M = 0 (ARL): H == T and out == post(T), exactly", identity, ""))
+    if module.force_mask is None:
+        _, mask_maps = module.mask(module.pre(x), return_maps=True)
+        found.extend(_mask_invariants(M, mask_maps["s"], module.mask.activation))
+        if module.learning == "arl" and module.mask.activation != "channel":
+            ok = bool(((T.abs() <= H.abs()) & (H.abs() <= 2 * T.abs())).all())
+            found.append(Invariant("ARL, M in [0, 1]: |T| <= |H| <= 2 |T|", ok, ""))
+        if module.learning == "nal" and module.mask.activation != "channel":
+            found.append(
+                Invariant("NAL, M in [0, 1]: |H| <= |T|", bool((H.abs() <= T.abs()).all()), "")
+            )
+    found.append(_batch_independent(module, x, out))
+    return found
+
+
+_PAPER = {"paper": "residual_attention"}
+_DEEP = {"paper": "residual_attention", "tolerances": DEEP_TOLERANCES}
+
+PAPER = Paper(
+    slug="residual_attention",
+    title="Residual Attention Network for Image Classification",
+    authors=(
+        "Fei Wang, Mengqing Jiang, Chen Qian, Shuo Yang, Cheng Li, Honggang Zhang, "
+        "Xiaogang Wang, Xiaoou Tang"
+    ),
+    venue="CVPR",
+    year=2017,
+    arxiv="1704.06904",
+    tutorial="tutorials/01_residual_attention.ipynb",
+    components=(
+        Component(
+            name="residual_unit",
+            module=ResidualUnit,
+            numpy_forward=residual_unit,
+            make_example=example_residual_unit,
+            invariants=invariants_residual_unit,
+            attention=False,
+            **_PAPER,
+        ),
+        Component(
+            name="mask_head",
+            module=MaskHead,
+            numpy_forward=mask_head,
+            make_example=example_mask_head,
+            invariants=invariants_mask_head,
+            attention=False,
+            **_PAPER,
+        ),
+        Component(
+            name="soft_mask_branch",
+            module=SoftMaskBranch,
+            numpy_forward=soft_mask_branch,
+            make_example=example_soft_mask_branch,
+            invariants=invariants_soft_mask_branch,
+            attention=False,
+            **_DEEP,
+        ),
+        Component(
+            name="attention_module",
+            module=AttentionModule,
+            numpy_forward=attention_module,
+            make_example=example_attention_module,
+            invariants=invariants_attention_module,
+            aliases=("residual_attention",),
+            **_DEEP,
+        ),
+    ),
+)

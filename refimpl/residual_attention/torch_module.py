@@ -1,0 +1,478 @@
+r"""Residual Attention Network as PyTorch modules (Wang et al., CVPR 2017).
+
+Read it beside ``numpy_forward.py``: the same steps, names and order.
+
+Glossary (the paper's symbols, Section 3):
+    x        the attention module's input                              (N, C, H, W)
+    T        trunk branch output T(x): t residual units                (N, C, H, W)
+    M        soft mask branch output M(x), the mask                     (N, C, H, W)
+    H        the module's attention-aware output before the last units:
+             Eq. (3) (attention residual learning, ARL)  H = (1 + M) * T
+             Eq. (1) (naive attention learning, NAL)     H = M * T
+    p, t, r  residual units before the split, in the trunk, and between two
+             poolings of the mask branch (the paper uses p = 1, t = 2, r = 1)
+    f1 f2 f3 the mask activations of Sec. 3.3 on the mask logits s: mixed
+             f1 = sigmoid(s); channel f2 = s / ||s_i||; spatial
+             f3 = sigmoid((s - mean_c) / std_c)
+
+Equation numbers are our reading of arXiv 1704.06904v1, Sec. 3.1: (1) is H = M * T, (2) the
+mask's gradient, (3) is H = (1 + M) * F (not re-checked against the PDF while writing
+this; the search tool reached summaries only). The activations are cited by name.
+
+Details checked against the official model definitions (github.com/fwang91/
+residual-attention-network, ``Attention-56/92-deploy.prototxt``):
+
+* The residual unit is the pre-activation bottleneck, no convolution biases; a unit that
+  changes width or strides projects the *activated* input with a strided 1x1 convolution
+  (``branch2`` reads ``.../bn`` after its in-place ReLU), and strides its 3x3 convolution.
+* The mask branch starts from the output of the first p units (``trunk/res1``), as the
+  trunk does; each pooling is followed by r units (2r at the deepest level); on the way
+  up, the upsampled result plus the skip unit's output (``skip/res{i}``, a residual unit
+  on the bottom-up feature ``down_sample/res{i}_1``) goes through r units
+  (``up_sample/res{i}_1``); the head is BN-ReLU-1x1, BN-ReLU-1x1 (``linear_1``,
+  ``linear_2``, no biases) and the activation; the fusion is ``trunk * mask + trunk``.
+* The upsampling is Caffe's ``Interp`` layer (DeepLab/PSPNet) to the size of a reference
+  blob: bilinear with corners aligned, ``align_corners=True`` here (an option).
+
+Deviations, each an option or documented:
+
+* Pooling: the prototxt pools 3x3/2 with no padding and Caffe's ceil rounding; we pool
+  3x3/2 with padding 1 (floor rounding), as PyTorch ports and torchvision's ResNet stem
+  do. Both give the same sizes at every even size (56 -> 28 -> 14 -> 7); the
+  windows sit one pixel apart, and ours is defined down to 1x1 inputs, where Caffe's
+  ceil-without-padding pooling has no output.
+* Mask activation: the repository's newest prototxts (and the paper) end each mask in a
+  sigmoid, f1; an older revision of ``model/Attention-*-deploy.prototxt`` used TanH.
+  We follow the paper; f2 and f3 are the paper's Sec. 3.3 variants.
+* ``force_mask`` is ours: a hook that replaces M by a constant and skips the mask branch,
+  to check the identity H = T at M = 0 (and to ablate the mask).
+* Popular code (see ``popular.py`` and the tutorial) upsamples by a fixed factor 2, which
+  breaks or misaligns on odd sizes, and often adds the bottom-up feature *and* the skip
+  unit's output; we upsample to the exact size and add the skip unit's output only, as
+  the prototxt does.
+
+Speed: the modules are convolution-bound; the element-wise work is kept to the minimum
+(ReLUs in place on fresh batch-norm outputs, the residual and skip additions in place on
+fresh outputs, f1's sigmoid in place on the fresh logits, ``(1 + M) * T`` as one
+``addcmul``); the input is never modified. On the CPU the mask branch and the attention
+module compute in channels_last whatever the input's layout (see
+``_channels_last_on_cpu``) and return the input's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refimpl._checks import check_choice, check_positive_int, check_torch_input
+
+ACTIVATIONS = ("mixed", "channel", "spatial")
+LEARNINGS = ("arl", "nal")
+#: f2's floor on the L2 norm, as ``torch.nn.functional.normalize``.
+CHANNEL_EPS = 1e-12
+#: f3's epsilon added to the variance, as ``torch.nn.InstanceNorm2d``.
+SPATIAL_EPS = 1e-5
+
+MapsOr = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _check_count(value: object, who: str, name: str, minimum: int) -> None:
+    """Check that a count (p, t, skips) is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_force_mask(value: object, who: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{who}: force_mask must be None or a finite number, got {value!r}")
+
+
+def _channels_last_on_cpu(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` in channels_last if it is an NCHW tensor on the CPU; and whether it was moved.
+
+    On the CPU, PyTorch's NCHW max pooling is about 7x slower than its channels_last
+    kernel, NCHW bilinear upsampling converts to channels_last and back inside every call,
+    and oneDNN's convolutions are at least as fast in channels_last. One copy in and one
+    out make the attention module 1.3x (8x256x28x28) to 1.6x (32x64x56x56) faster forward,
+    1.0x to 1.3x forward and backward, and leave 2x512x7x7 even (one thread, interleaved
+    medians). Other devices keep the input's format.
+    """
+    if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last), True
+    return x, False
+
+
+def _bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """BN then ReLU, the ReLU in place on batch norm's fresh output (never on x)."""
+    return torch.relu_(bn(x))
+
+
+# ---------------------------------------------------------------------------------------
+# The pre-activation residual unit
+
+
+class ResidualUnit(nn.Module):
+    r"""Pre-activation bottleneck unit: :math:`y = s(x) + \mathcal{F}(x)`.
+
+    :math:`\mathcal{F}`: BN-ReLU-conv1x1 (``conv1``), BN-ReLU-conv3x3 (``conv2``, stride
+    ``stride``), BN-ReLU-conv1x1 (``conv3``), no biases. The shortcut s is the identity,
+    or, when the width or the stride changes, a strided 1x1 convolution (``shortcut``) of
+    the activated input relu(bn1(x)), as the official model definition does.
+
+    Args:
+        channels: C_in, input channels.
+        out_channels: C_out (default: C_in).
+        stride: stride of the 3x3 convolution and the projection shortcut.
+        hidden_channels: the bottleneck width; default ``max(1, out_channels // 4)``.
+
+    Shape:
+        Input (N, C_in, H, W); output (N, C_out, ceil(H / stride), ceil(W / stride)).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int | None = None,
+        stride: int = 1,
+        *,
+        hidden_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        out_channels = channels if out_channels is None else out_channels
+        hidden_channels = max(1, out_channels // 4) if hidden_channels is None else hidden_channels
+        for name, value in (
+            ("channels", channels),
+            ("out_channels", out_channels),
+            ("stride", stride),
+            ("hidden_channels", hidden_channels),
+        ):
+            check_positive_int(value, "ResidualUnit", name)
+        self.channels, self.out_channels, self.stride = channels, out_channels, stride
+        self.hidden_channels = hidden_channels
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, hidden_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden_channels)
+        self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(hidden_channels)
+        self.conv3 = nn.Conv2d(hidden_channels, out_channels, 1, bias=False)
+        projection = stride != 1 or out_channels != channels
+        self.shortcut = (
+            nn.Conv2d(channels, out_channels, 1, stride, bias=False) if projection else None
+        )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every convolution and batch norm as PyTorch's defaults do."""
+        for m in self.children():
+            m.reset_parameters()
+        for bn in (self.bn1, self.bn2, self.bn3):
+            bn.reset_running_stats()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, out_channels={self.out_channels}, stride={self.stride}, "
+            f"hidden_channels={self.hidden_channels}, projection={self.shortcut is not None}"
+        )
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
+        """s(x) + F(x); with ``return_maps`` also ``{"F": F(x)}``."""
+        check_torch_input(x, self.channels, "ResidualUnit", "x")
+        a = _bn_relu(self.bn1, x)  # pre-activation, (N, C_in, H, W)
+        f = self.conv1(a)  # (N, C_hidden, H, W)
+        f = self.conv2(_bn_relu(self.bn2, f))  # 3x3, strided, (N, C_hidden, H', W')
+        f = self.conv3(_bn_relu(self.bn3, f))  # (N, C_out, H', W')
+        s = x if self.shortcut is None else self.shortcut(a)  # identity or projection
+        if return_maps:
+            return f + s, {"F": f}
+        return f.add_(s)  # in place on conv3's fresh output
+
+
+def _units(count: int, channels: int) -> nn.Sequential:
+    """``count`` residual units of width ``channels``, named ``unit1``, ``unit2``, ..."""
+    return nn.Sequential(
+        OrderedDict((f"unit{j}", ResidualUnit(channels)) for j in range(1, count + 1))
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The mask activations f1, f2, f3 (Sec. 3.3) and the mask head
+
+
+def mask_activation(s: torch.Tensor, activation: str = "mixed") -> torch.Tensor:
+    r"""The mask M from the logits s, by the paper's f1, f2 or f3 (Sec. 3.3).
+
+    * ``"mixed"``, f1: :math:`\sigma(s_{i,c})`.
+    * ``"channel"``, f2: :math:`s_{i,c} / \max(\lVert s_i \rVert_2, 10^{-12})`.
+    * ``"spatial"``, f3: :math:`\sigma((s_{i,c} - \mathrm{mean}_c) /
+      \sqrt{\mathrm{var}_c + 10^{-5}})`, population variance over the positions.
+
+    Shape: s (N, C, H, W) -> M (N, C, H, W).
+    """
+    if activation == "mixed":
+        return torch.sigmoid(s)  # f1
+    if activation == "channel":
+        return F.normalize(s, p=2.0, dim=1, eps=CHANNEL_EPS)  # f2
+    var, mean = torch.var_mean(s, dim=(2, 3), correction=0, keepdim=True)  # (N, C, 1, 1)
+    return torch.sigmoid((s - mean) * torch.rsqrt(var + SPATIAL_EPS))  # f3
+
+
+class MaskHead(nn.Module):
+    r"""The end of the mask branch: BN-ReLU-conv1x1, BN-ReLU-conv1x1, then f1, f2 or f3.
+
+    Args:
+        channels: C.
+        activation: ``"mixed"`` (f1, the paper's networks), ``"channel"`` (f2),
+            ``"spatial"`` (f3).
+
+    Shape:
+        Input (N, C, H, W), the upsampled mask features; output M, (N, C, H, W).
+    """
+
+    def __init__(self, channels: int, *, activation: str = "mixed") -> None:
+        super().__init__()
+        check_positive_int(channels, "MaskHead", "channels")
+        check_choice(activation, ACTIVATIONS, "MaskHead", "activation")
+        self.channels, self.activation = channels, activation
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the convolutions and batch norms as PyTorch's defaults do."""
+        for m in self.children():
+            m.reset_parameters()
+        self.bn1.reset_running_stats()
+        self.bn2.reset_running_stats()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, activation={self.activation!r}"
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
+        """M = f(conv2(relu(bn2(conv1(relu(bn1(x))))))); maps ``{"s": logits, "M": M}``."""
+        check_torch_input(x, self.channels, "MaskHead", "x")
+        s = self.conv1(_bn_relu(self.bn1, x))  # (N, C, H, W)
+        s = self.conv2(_bn_relu(self.bn2, s))  # the logits, (N, C, H, W)
+        if self.activation == "mixed" and not return_maps:
+            return torch.sigmoid_(s)  # f1 in place on the fresh logits: one tensor fewer
+        M = mask_activation(s, self.activation)  # f1 / f2 / f3
+        return (M, {"s": s, "M": M}) if return_maps else M
+
+
+# ---------------------------------------------------------------------------------------
+# The soft mask branch
+
+
+class SoftMaskBranch(nn.Module):
+    r"""The soft mask branch M(x) (Sec. 3.2, Fig. 3): bottom-up, top-down, head.
+
+    Bottom-up, level i = 1 .. depth: max pooling 3x3/2, padding 1, then the units
+    ``down{i}`` (r of them; 2r at the deepest level). Top-down, level i = depth-1 .. 1:
+    bilinear upsampling to *exactly* the size of level i's bottom-up feature, plus the
+    skip connection ``skip{i}`` (a residual unit on that feature) where there is one,
+    then the units ``up{i}``. A last upsampling back to the input's size and the head
+    (:class:`MaskHead`) make the mask.
+
+    Args:
+        channels: C.
+        r: residual units between two poolings (2r at the deepest level).
+        depth: number of max poolings (and of upsamplings). Attention-56/92 use 3, 2, 1
+            at 56x56, 28x28, 14x14.
+        skips: number of skip connections, at levels 1 .. skips (the highest
+            resolutions); default ``depth - 1``, every level but the deepest, as the paper.
+        activation: f1 ``"mixed"``, f2 ``"channel"`` or f3 ``"spatial"``.
+        align_corners: bilinear upsampling with corners aligned (True, the official Caffe
+            ``Interp`` layer) or pixel centres aligned (False).
+
+    Shape:
+        Input (N, C, H, W), any H, W >= 1; output M, (N, C, H, W).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        r: int = 1,
+        *,
+        depth: int = 2,
+        skips: int | None = None,
+        activation: str = "mixed",
+        align_corners: bool = True,
+    ) -> None:
+        super().__init__()
+        who = "SoftMaskBranch"
+        check_positive_int(channels, who, "channels")
+        check_positive_int(r, who, "r")
+        check_positive_int(depth, who, "depth")
+        skips = depth - 1 if skips is None else skips
+        _check_count(skips, who, "skips", 0)
+        if skips > depth - 1:
+            raise ValueError(f"{who}: skips must be at most depth - 1 = {depth - 1}, got {skips}")
+        check_choice(activation, ACTIVATIONS, who, "activation")
+        self.channels, self.r, self.depth, self.skips = channels, r, depth, skips
+        self.align_corners = bool(align_corners)
+        for i in range(1, depth + 1):  # bottom-up units; the deepest level has 2r
+            self.add_module(f"down{i}", _units(2 * r if i == depth else r, channels))
+        for i in range(1, skips + 1):  # skip connections, highest resolutions first
+            self.add_module(f"skip{i}", ResidualUnit(channels))
+        for i in range(1, depth):  # top-down units
+            self.add_module(f"up{i}", _units(r, channels))
+        self.head = MaskHead(channels, activation=activation)
+
+    @property
+    def activation(self) -> str:
+        return self.head.activation
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every unit and the head."""
+        for m in self.modules():
+            if isinstance(m, ResidualUnit | MaskHead):
+                m.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, r={self.r}, depth={self.depth}, skips={self.skips}, "
+            f"activation={self.activation!r}, align_corners={self.align_corners}"
+        )
+
+    def _upsample(self, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Bilinear interpolation of h to exactly the spatial size of ``like``."""
+        return F.interpolate(
+            h, size=like.shape[-2:], mode="bilinear", align_corners=self.align_corners
+        )
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
+        """The mask M; with ``return_maps`` also ``{"s": logits, "M": M}``."""
+        check_torch_input(x, self.channels, "SoftMaskBranch", "x")
+        x, restore = _channels_last_on_cpu(x)
+        # Bottom-up: features[i - 1] is level i's result, each about half the last's size.
+        features = []
+        h = x
+        for i in range(1, self.depth + 1):
+            h = F.max_pool2d(h, kernel_size=3, stride=2, padding=1)  # (N, C, ceil(H/2), ...)
+            h = getattr(self, f"down{i}")(h)
+            features.append(h)
+        # Top-down: back up one level at a time, adding each level's skip connection.
+        for i in range(self.depth - 1, 0, -1):
+            h = self._upsample(h, features[i - 1])  # to level i's exact size
+            if i <= self.skips:
+                h = h.add_(getattr(self, f"skip{i}")(features[i - 1]))  # in place: h is fresh
+            h = getattr(self, f"up{i}")(h)
+        h = self._upsample(h, x)  # (N, C, H, W)
+        M = self.head(h, return_maps=return_maps)
+        if restore:  # back to the input's NCHW layout (the maps stay channels_last)
+            return (M[0].contiguous(), M[1]) if return_maps else M.contiguous()
+        return M
+
+
+# ---------------------------------------------------------------------------------------
+# The attention module
+
+
+class AttentionModule(nn.Module):
+    r"""The attention module (Fig. 2): H = (1 + M) * T between p units before and after.
+
+    ``x -> p units -> {trunk: t units -> T; mask branch -> M} -> H -> p units``, with
+    H = (1 + M) * T (attention residual learning, Eq. (3)) or M * T (naive attention
+    learning, Eq. (1), the paper's ablation).
+
+    Args:
+        channels: C, in and out.
+        p: residual units before the split into trunk and mask, and again after H.
+        t: residual units of the trunk branch.
+        r: residual units between two poolings of the mask branch.
+        depth: max poolings in the mask branch (3, 2, 1 at 56, 28, 14 pixels in
+            Attention-56/92).
+        skips: skip connections in the mask branch; default ``depth - 1``.
+        activation: the mask activation, f1 ``"mixed"`` (paper's networks), f2
+            ``"channel"`` or f3 ``"spatial"``.
+        learning: ``"arl"`` (H = (1 + M) * T) or ``"nal"`` (H = M * T).
+        force_mask: None, or a constant that replaces M (the mask branch is then not
+            run): ``force_mask=0.0`` with ARL gives H = T exactly. An attribute, so it can
+            be set and unset on a built module.
+        align_corners: the mask branch's bilinear upsampling (True: official Caffe).
+
+    Shape:
+        Input (N, C, H, W), any N, H, W >= 1 (in training mode batch norm needs more than
+        one value per channel at every level); output (N, C, H, W), same dtype, device
+        and memory format.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        p: int = 1,
+        t: int = 2,
+        r: int = 1,
+        *,
+        depth: int = 2,
+        skips: int | None = None,
+        activation: str = "mixed",
+        learning: str = "arl",
+        force_mask: float | None = None,
+        align_corners: bool = True,
+    ) -> None:
+        super().__init__()
+        who = "AttentionModule"
+        check_positive_int(channels, who, "channels")
+        _check_count(p, who, "p", 0)
+        _check_count(t, who, "t", 0)
+        check_choice(learning, LEARNINGS, who, "learning")
+        _check_force_mask(force_mask, who)
+        self.channels, self.p, self.t, self.learning = channels, p, t, learning
+        self.force_mask = force_mask
+        self.pre = _units(p, channels)
+        self.trunk = _units(t, channels)
+        self.mask = SoftMaskBranch(
+            channels,
+            r,
+            depth=depth,
+            skips=skips,
+            activation=activation,
+            align_corners=align_corners,
+        )
+        self.post = _units(p, channels)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every unit, the mask branch included."""
+        for m in self.modules():
+            if isinstance(m, ResidualUnit | MaskHead):
+                m.reset_parameters()
+
+    def extra_repr(self) -> str:
+        mask = self.mask
+        return (
+            f"channels={self.channels}, p={self.p}, t={self.t}, r={mask.r}, depth={mask.depth}, "
+            f"skips={mask.skips}, activation={mask.activation!r}, learning={self.learning!r}, "
+            f"force_mask={self.force_mask}, align_corners={mask.align_corners}"
+        )
+
+    def combine(self, T: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """Eq. (3): H = (1 + M) * T, as T + T * M in one op; or Eq. (1): H = M * T."""
+        return torch.addcmul(T, T, M) if self.learning == "arl" else T * M
+
+    def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
+        """The module's output; with ``return_maps`` also ``{"T": T, "M": M, "H": H}``."""
+        check_torch_input(x, self.channels, "AttentionModule", "x")
+        _check_force_mask(self.force_mask, "AttentionModule")
+        x, restore = _channels_last_on_cpu(x)
+        x = self.pre(x)  # p units, shared by both branches
+        T = self.trunk(x)  # trunk branch, t units
+        if self.force_mask is None:
+            M = self.mask(x)  # soft mask branch
+            H = self.combine(T, M)  # Eq. (3) / Eq. (1)
+        else:  # the hook: a constant mask; the mask branch does not run
+            v = float(self.force_mask)
+            H = T * (1.0 + v) if self.learning == "arl" else T * v  # exactly T at v = 0, ARL
+            M = None
+        out = self.post(H)  # p units
+        if restore:
+            out = out.contiguous()  # back to the input's NCHW layout (maps stay channels_last)
+        if not return_maps:
+            return out
+        M = torch.full_like(T, float(self.force_mask)) if M is None else M
+        return out, {"T": T, "M": M, "H": H}
