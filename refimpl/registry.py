@@ -25,6 +25,7 @@ PAPER_PACKAGES: tuple[str, ...] = (
     "cbam",
     "bam",
     "double_attention",
+    "feature_fusion",
 )
 
 #: PyTorch against the NumPy float64 oracle, (rtol, atol). float64: both sides compute the

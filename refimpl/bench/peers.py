@@ -30,6 +30,7 @@ from torch import nn
 from refimpl.bam import popular as bam_popular
 from refimpl.cbam import popular as cbam_popular
 from refimpl.double_attention import popular as da_popular
+from refimpl.feature_fusion import popular as ff_popular
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ TARGETS: dict[str, Targets] = {
     "bam": Targets(no_slower_than_peers=False),
     # A^2: no slower than the straightforward eager implementation of the same formula.
     "double_attention": Targets(),
+    # AFF: MS-CAM, AFF and iAFF no slower than the popular code's transcription.
+    "mscam": Targets(),
+    "aff": Targets(),
+    "iaff": Targets(),
 }
 
 
@@ -255,6 +260,33 @@ PEERS: dict[str, list[Peer]] = {
             da_popular.load_eager,
             "refimpl.double_attention.popular.EagerDoubleAttention: the paper's block written "
             "straightforwardly (3 Conv2d, bmm, bmm, output Conv2d, add), m = n = c/4",
+        ),
+    ],
+    "mscam": [
+        Peer(
+            "popular MS_CAM (transcribed)",
+            ff_popular.build_popular_mscam,
+            {},
+            ff_popular.load_from_ours,
+            "refimpl.feature_fusion.popular.PopularMSCAM: the popular PyTorch MS_CAM",
+        ),
+    ],
+    "aff": [
+        Peer(
+            "popular AFF (transcribed)",
+            ff_popular.build_popular_aff,
+            {},
+            ff_popular.load_from_ours,
+            "refimpl.feature_fusion.popular.PopularAFF: the popular PyTorch AFF, no factor 2",
+        ),
+    ],
+    "iaff": [
+        Peer(
+            "popular iAFF (transcribed)",
+            ff_popular.build_popular_iaff,
+            {"share_global": True},
+            ff_popular.load_from_ours,
+            "refimpl.feature_fusion.popular.PopularIAFF: its second stage reuses global_att",
         ),
     ],
 }

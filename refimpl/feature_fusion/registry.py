@@ -1,0 +1,246 @@
+"""The AFF paper in the registry: its facts, its five components, random examples, invariants."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from refimpl.feature_fusion.convert import convert_official_state_dict
+from refimpl.feature_fusion.numpy_forward import aff, global_context, iaff, local_context, mscam
+from refimpl.feature_fusion.torch_module import AFF, IAFF, MSCAM, GlobalContext, LocalContext
+from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+
+#: Example modules with a global branch train a batch norm after global pooling, which
+#: needs N >= 2 images; the examples draw N from 3 and 4, where batch statistics are
+#: better conditioned (see TOLERANCES). N = 2 and N = 1 are covered by the tests.
+_MIN_BATCH = {LocalContext: 1, GlobalContext: 3, MSCAM: 3, AFF: 3, IAFF: 3}
+
+#: float64 as everywhere. float32 is looser than the default (1e-5, 1e-6) because of
+#: training mode: each batch norm normalises a 1x1 convolution's output, bias included,
+#: with statistics of few values (N images after the global pooling), so float32 rounding
+#: of the pre-normalisation values (~6e-8 of the bias and of the input's magnitude) is
+#: divided by a batch standard deviation that can be 10-100 times smaller than them.
+#: PyTorch's own Conv2d + BatchNorm2d layers differ from the float64 oracle by the same
+#: amounts; tests/test_feature_fusion.py measures this amplification per example
+#: (``training_slack``). Over 150 seeds the worst float32 difference is 0.2 of this
+#: tolerance in training mode and 0.01 in eval mode (0.6 of the default tolerance in eval
+#: mode, 15 times it in training mode).
+TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (1e-4, 1e-4)}
+
+
+def _example(cls: type[torch.nn.Module], seed: int, n_inputs: int, **options) -> Example:
+    """A random instance of ``cls`` with widths and input shape drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 41))
+    module = cls(
+        channels,
+        reduction=int(rng.choice([1, 2, 4, 16])),
+        bias=bool(rng.integers(2)),
+        **options,
+    )
+    randomize_(module.double(), seed).eval()
+    n = int(rng.integers(_MIN_BATCH[cls], 5))
+    h, w = int(rng.integers(1, 10)), int(rng.integers(1, 10))
+    if n * h * w < 2:  # the local branch's batch norm needs two values to train
+        w = 2
+    shape = (n, channels, h, w)
+    inputs = tuple(_well_spread_batch(shape, seed + 1 + i) for i in range(n_inputs))
+    return Example(module, inputs, options)
+
+
+def _well_spread_batch(shape: tuple[int, int, int, int], seed: int) -> torch.Tensor:
+    """Standard normal entries plus an offset per image and channel, ~ N(0, 1).
+
+    In training mode the batch norm after global pooling normalises N values per channel
+    (2 or 3 here). If the images' means were all close, their standard deviation could
+    approach sqrt(eps) = 3e-3, where batch norm multiplies float32 rounding errors by
+    ~100; with a per-image offset of order 1 the means differ by order 1.
+    """
+    offsets = random_input((shape[0], shape[1], 1, 1), seed + 1000)
+    return random_input(shape, seed) + offsets
+
+
+def make_local_example(seed: int) -> Example:
+    """A :class:`LocalContext` drawn from ``seed``."""
+    return _example(LocalContext, seed, 1)
+
+
+def make_global_example(seed: int) -> Example:
+    """A :class:`GlobalContext` drawn from ``seed``."""
+    return _example(GlobalContext, seed, 1)
+
+
+def make_mscam_example(seed: int) -> Example:
+    """An :class:`MSCAM` drawn from ``seed``."""
+    return _example(MSCAM, seed, 1)
+
+
+def make_aff_example(seed: int) -> Example:
+    """An :class:`AFF` drawn from ``seed``, with or without the official factor 2."""
+    return _example(AFF, seed, 2, factor_two=bool(np.random.default_rng(seed + 7).integers(2)))
+
+
+def make_iaff_example(seed: int) -> Example:
+    """An :class:`IAFF` drawn from ``seed``, with the paper's or the popular global branch."""
+    share = bool(np.random.default_rng(seed + 7).integers(2))
+    return _example(IAFF, seed, 2, share_global=share)
+
+
+# ---------------------------------------------------------------------------------------
+# Invariants
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _permute_positions(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(t.shape[2] * t.shape[3]))
+    return t.flatten(2)[:, :, perm].reshape(t.shape)
+
+
+def _commutes(module, inputs, out) -> Invariant:
+    """Every branch is point-wise or pooled: permuting positions permutes the output."""
+    moved = module(*(_permute_positions(x) for x in inputs))
+    err = _max_err(moved, _permute_positions(out))
+    return Invariant("commutes with position permutations", err <= 1e-12, f"{err:.2e}")
+
+
+def local_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """L(X) is point-wise: it commutes with permutations of positions and of images."""
+    module, (x,) = example.module, example.inputs
+    found = [_commutes(module, (x,), out)]
+    flipped = module(x.flip(0))
+    err = _max_err(flipped, out.flip(0))
+    found.append(Invariant("images independent (eval)", err <= 1e-12, f"{err:.2e}"))
+    return found
+
+
+def global_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """g(X) depends on X only through its spatial mean."""
+    module, (x,) = example.module, example.inputs
+    flat = x.mean((2, 3), keepdim=True).expand_as(x)  # the same mean, no spatial structure
+    err = _max_err(module(flat), out)
+    found = [Invariant("g(X) = g(mean of X at every position)", err <= 1e-12, f"{err:.2e}")]
+    found.append(_commutes(module, (x,), out))
+    return found
+
+
+def mscam_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """The gate is in (0, 1); the global context is the same at every position."""
+    module, (x,) = example.module, example.inputs
+    _, maps = module(x, return_maps=True)
+    M, L, g = maps["M"], maps["L"], maps["g"]
+    inside = bool(((M >= 0) & (M <= 1)).all())  # (0, 1) but for floating-point saturation
+    found = [Invariant("M in [0, 1]", inside, f"M in [{M.min():.3g}, {M.max():.3g}]")]
+    shrink = bool((out.abs() <= x.abs()).all() and (out * x >= 0).all())
+    found.append(Invariant("|X'| <= |X|, same sign", shrink, ""))
+    # logit(M) - L(X) is g(X): one number per channel and image, whatever the position.
+    logit_minus_local = (torch.logit(M) - L).flatten(2)  # (N, C, HW)
+    spread = (logit_minus_local - g.flatten(2)).abs().max().item()
+    found.append(Invariant("logit(M) - L = g at every position", spread <= 1e-8, f"{spread:.2e}"))
+    found.append(_commutes(module, (x,), out))
+    return found
+
+
+def aff_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """AFF(X, X) = X; Z between X and Y; AFF(X, Y) + AFF(Y, X) = X + Y (times 2 if asked)."""
+    module, (x, y) = example.module, example.inputs
+    k = 2.0 if module.factor_two else 1.0
+    err = _max_err(module(x, x), k * x)
+    found = [Invariant("AFF(X, X) = X (2X with factor_two)", err <= 1e-12, f"{err:.2e}")]
+    found.append(_between(out / k, x, y))
+    err = _max_err(out + module(y, x), k * (x + y))
+    found.append(Invariant("AFF(X, Y) + AFF(Y, X) = X + Y", err <= 1e-12, f"{err:.2e}"))
+    found.append(_commutes(module, (x, y), out))
+    return found
+
+
+def iaff_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
+    """IAFF(X, X) = X; Z between X and Y; swapping X and Y with M -> 1 - M changes nothing."""
+    module, (x, y) = example.module, example.inputs
+    err = _max_err(module(x, x), x)
+    found = [Invariant("IAFF(X, X) = X", err <= 1e-12, f"{err:.2e}")]
+    found.append(_between(out, x, y))
+    swapped = copy.deepcopy(module)
+    state = convert_official_state_dict(module.state_dict(), swap_xy=True)  # M -> 1 - M
+    swapped.load_state_dict(state)
+    err = _max_err(swapped(y, x), out)
+    found.append(Invariant("IAFF'(Y, X) = IAFF(X, Y), M -> 1 - M", err <= 1e-12, f"{err:.2e}"))
+    found.append(_commutes(module, (x, y), out))
+    return found
+
+
+def _between(z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Invariant:
+    """min(X, Y) <= Z <= max(X, Y) elementwise, up to rounding."""
+    slack = 1e-13 * (x.abs() + y.abs())
+    low, high = torch.minimum(x, y) - slack, torch.maximum(x, y) + slack
+    ok = bool(((z >= low) & (z <= high)).all())
+    return Invariant("Z between X and Y elementwise", ok, "")
+
+
+PAPER = Paper(
+    slug="feature_fusion",
+    title="Attentional Feature Fusion",
+    authors="Yimian Dai, Fabian Gieseke, Stefan Oehmcke, Yiquan Wu, Kobus Barnard",
+    venue="WACV",
+    year=2021,
+    arxiv="2009.14082",
+    tutorial="tutorials/05_attentional_feature_fusion.ipynb",
+    components=(
+        Component(
+            name="local_context",
+            paper="feature_fusion",
+            module=LocalContext,
+            numpy_forward=local_context,
+            make_example=make_local_example,
+            invariants=local_invariants,
+            attention=False,
+            tolerances=TOLERANCES,
+        ),
+        Component(
+            name="global_context",
+            paper="feature_fusion",
+            module=GlobalContext,
+            numpy_forward=global_context,
+            make_example=make_global_example,
+            invariants=global_invariants,
+            attention=False,
+            tolerances=TOLERANCES,
+        ),
+        Component(
+            name="mscam",
+            paper="feature_fusion",
+            module=MSCAM,
+            numpy_forward=mscam,
+            make_example=make_mscam_example,
+            invariants=mscam_invariants,
+            aliases=("ms_cam",),
+            tolerances=TOLERANCES,
+        ),
+        Component(
+            name="aff",
+            paper="feature_fusion",
+            module=AFF,
+            numpy_forward=aff,
+            make_example=make_aff_example,
+            invariants=aff_invariants,
+            attention=False,
+            n_inputs=2,
+            tolerances=TOLERANCES,
+        ),
+        Component(
+            name="iaff",
+            paper="feature_fusion",
+            module=IAFF,
+            numpy_forward=iaff,
+            make_example=make_iaff_example,
+            invariants=iaff_invariants,
+            attention=False,
+            n_inputs=2,
+            tolerances=TOLERANCES,
+        ),
+    ),
+)
