@@ -177,11 +177,12 @@ class _ContextBranch(nn.Module):
         self.conv2 = nn.Conv2d(hidden_channels, channels, 1, bias=bias)  # PWConv2
         self.bn2 = nn.BatchNorm2d(channels)
 
-    def _reset(self) -> None:
+    def reset_parameters(self) -> None:
+        """Re-initialise the convolutions and batch norms as PyTorch does."""
         for m in (self.conv1, self.bn1, self.conv2, self.bn2):
             m.reset_parameters()
 
-    def _repr(self) -> str:
+    def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
             f"bias={self.conv1.bias is not None}"
@@ -212,13 +213,6 @@ class LocalContext(_ContextBranch):
         bias: bool = True,
     ) -> None:
         super().__init__(channels, reduction, hidden_channels, bias, "LocalContext")
-
-    def reset_parameters(self) -> None:
-        """Re-initialise the convolutions and batch norms as PyTorch does."""
-        self._reset()
-
-    def extra_repr(self) -> str:
-        return self._repr()
 
     def logits(
         self, x: torch.Tensor, g: torch.Tensor | None = None, gate: bool = False
@@ -282,13 +276,6 @@ class GlobalContext(_ContextBranch):
         bias: bool = True,
     ) -> None:
         super().__init__(channels, reduction, hidden_channels, bias, "GlobalContext")
-
-    def reset_parameters(self) -> None:
-        """Re-initialise the convolutions and batch norms as PyTorch does."""
-        self._reset()
-
-    def extra_repr(self) -> str:
-        return self._repr()
 
     def vector(self, x: torch.Tensor) -> torch.Tensor:
         """g(x) as an (N, C) matrix. No input checks (the calling module made them)."""
