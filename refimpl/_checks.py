@@ -3,6 +3,9 @@
 Both sides raise the same errors with the same messages, so a user who feeds a wrong
 tensor to either gets told what was expected and what came. The checks only read
 shapes and dtypes; under ``torch.compile`` they become guards, not graph breaks.
+
+This module never imports torch: the NumPy oracle must run without it. The checks that
+need torch live in :mod:`refimpl._torch_checks`.
 """
 
 from __future__ import annotations
@@ -10,28 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
     return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
-
-
-def check_torch_input(x: Any, channels: int | None, who: str, name: str = "input") -> None:
-    """Check that ``x`` is a floating point NCHW tensor with ``channels`` channels.
-
-    Raises:
-        TypeError: ``x`` is not a tensor, or not of a real floating point dtype.
-        ValueError: ``x`` is not 4-dimensional, has the wrong channel count, or is empty.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{who} expects {name} to be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{who} expects {name} of a floating point dtype (float16, bfloat16, float32, "
-            f"float64), got {_describe(x)}"
-        )
-    _check_shape(x, channels, who, name)
 
 
 def check_numpy_input(x: Any, channels: int | None, who: str, name: str = "input") -> np.ndarray:
@@ -43,24 +28,24 @@ def check_numpy_input(x: Any, channels: int | None, who: str, name: str = "input
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(
             f"{who} expects {name} of a real floating point dtype (float32, float64), "
-            f"got {_describe(x)}"
+            f"got {describe(x)}"
         )
-    _check_shape(x, channels, who, name)
+    check_shape(x, channels, who, name)
     return x
 
 
-def _check_shape(x: Any, channels: int | None, who: str, name: str) -> None:
+def check_shape(x: Any, channels: int | None, who: str, name: str) -> None:
     if x.ndim != 4:
         raise ValueError(
-            f"{who} expects {name} of shape (N, C, H, W), got {x.ndim} dimensions: {_describe(x)}"
+            f"{who} expects {name} of shape (N, C, H, W), got {x.ndim} dimensions: {describe(x)}"
         )
     if channels is not None and x.shape[1] != channels:
         raise ValueError(
             f"{who} was built for {channels} channels, got {name} with {x.shape[1]} "
-            f"channels: {_describe(x)}"
+            f"channels: {describe(x)}"
         )
     if 0 in tuple(x.shape):
-        raise ValueError(f"{who} expects a non-empty {name}, got {_describe(x)}")
+        raise ValueError(f"{who} expects a non-empty {name}, got {describe(x)}")
 
 
 def check_same_shape(x: Any, y: Any, who: str, names: tuple[str, str] = ("X", "Y")) -> None:

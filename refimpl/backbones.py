@@ -58,7 +58,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from refimpl._checks import check_choice, check_positive_int, check_torch_input
+from refimpl._checks import check_choice, check_positive_int
+from refimpl._torch_checks import check_torch_input
 
 LAYOUTS = ("v1", "torchvision")
 EXPANSION = 4  # a bottleneck's output has 4w channels

@@ -63,6 +63,65 @@ class Invariant:
     detail: str
 
 
+class SkipProperty(Exception):
+    """Raised by a property's check when the module cannot provide what it needs; the
+    message is the reason, shown in the report (a property is never skipped silently)."""
+
+
+@dataclass(frozen=True)
+class Property:
+    """An implementation-independent property of a component, checkable on ANY module
+    with the component's call signature (``m(x)``, or ``m(x, y)`` for fusion).
+
+    Attributes:
+        name: what it states, as a reader would say it ("AFF(X, X) = X").
+        check: ``(module, inputs) -> (ok, detail)``; ``inputs`` is a tuple of float64
+            tensors; the module is float64 and in the mode ``needs`` asks for (eval unless
+            "train" is in ``needs``). It may raise :class:`SkipProperty` with a reason.
+        needs: what the module must offer: ``"maps"`` (``forward(..., return_maps=True)``
+            returning ``(out, maps)``), ``"mask_hook"`` (a ``force_mask`` attribute, as
+            refimpl's ``AttentionModule``), ``"train"`` (checked in training mode).
+        batch: whether it is the batch-independence property (a batch-coupled variant is
+            expected to fail it, and the report names it).
+    """
+
+    name: str
+    check: Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[bool, str]]
+    needs: tuple[str, ...] = ()
+    batch: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A known form of a component that differs from refimpl's default (the paper): an
+    entry of the paper's catalogue, searched by ``refimpl.testing.compare`` when a module
+    disagrees with the oracle, and shown in the tutorials.
+
+    Attributes:
+        name: a short identifier (``"spatial_max_avg"``).
+        description: one line saying what differs ("spatial pooling stacked [max, avg]").
+        where: where it occurs ("the official CBAM code"; "timm's SEModule").
+        options: constructor options of refimpl's module that reproduce it (the oracle's
+            key set and NumPy options follow from the module built with them), or a
+            callable ``channels -> options`` where they depend on the width.
+        numpy_forward: a NumPy forward that replaces the component's, with its signature,
+            for a variant that refimpl's module does not offer (a softmax over the batch).
+        batch_coupled: the variant mixes the items of a batch.
+    """
+
+    name: str
+    description: str
+    where: str
+    options: Mapping[str, Any] | Callable[[int], Mapping[str, Any]] = field(default_factory=dict)
+    numpy_forward: Callable[..., Any] | None = None
+    batch_coupled: bool = False
+
+    def options_for(self, channels: int) -> dict[str, Any]:
+        """The constructor options of this variant at ``channels`` channels."""
+        opts = self.options(channels) if callable(self.options) else self.options
+        return dict(opts)
+
+
 @dataclass(frozen=True)
 class Component:
     """One building block of a paper, with its two implementations.
@@ -82,6 +141,14 @@ class Component:
         tolerances: ``{"float64": (rtol, atol), "float32": (rtol, atol)}`` for PyTorch
             against the NumPy float64 oracle: ``|torch - numpy| <= atol + rtol |numpy|``.
             Deep components may loosen float32, saying why where they register.
+        oracle_options: ``module -> options``: the keyword options of the NumPy forward
+            that a built module implies (what its state dict cannot tell).
+        option_space: the component's constructor options and the values tests draw
+            from, declared once: ``{name: (value, ...)}`` (used by ``make_example`` and by
+            the Hypothesis strategies).
+        properties: the paper's implementation-independent properties, run by
+            ``refimpl.testing.check_invariants`` on any module.
+        variants: the catalogue of known variants (popular and official forms).
     """
 
     name: str
@@ -96,6 +163,10 @@ class Component:
     tolerances: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: dict(DEFAULT_TOLERANCES)
     )
+    oracle_options: Callable[[nn.Module], dict[str, Any]] = lambda module: {}
+    option_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    properties: tuple[Property, ...] = ()
+    variants: tuple[Variant, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refimpl._checks import check_torch_input
+from refimpl._torch_checks import check_torch_input
 from refimpl.backbones import EXPANSION, ResNet
 from refimpl.bam.torch_module import BAM
 

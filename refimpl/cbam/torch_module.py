@@ -68,7 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_choice, check_positive_int, check_torch_input
+from refimpl._checks import check_choice, check_positive_int
+from refimpl._torch_checks import check_torch_input
 from refimpl.cbam._options import (
     ARRANGEMENTS,
     POOLINGS,

@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refimpl._checks import check_torch_input
+from refimpl._torch_checks import check_torch_input
 from refimpl.backbones import EXPANSION, ResNet
 from refimpl.double_attention.torch_module import DoubleAttention
 

@@ -67,7 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_positive_int, check_torch_input
+from refimpl._checks import check_positive_int
+from refimpl._torch_checks import check_torch_input
 
 DEFAULT_REDUCTION = 4
 

@@ -71,7 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_positive_int, check_same_shape, check_torch_input
+from refimpl._checks import check_positive_int, check_same_shape
+from refimpl._torch_checks import check_torch_input
 from refimpl.feature_fusion._checks import check_batch_statistics, check_same_dtype
 
 # ---------------------------------------------------------------------------------------

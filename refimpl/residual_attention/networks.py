@@ -70,7 +70,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from refimpl._checks import check_choice, check_positive_int, check_torch_input
+from refimpl._checks import check_choice, check_positive_int
+from refimpl._torch_checks import check_torch_input
 from refimpl.residual_attention.torch_module import AttentionModule, ResidualUnit
 
 STEMS = ("imagenet", "cifar")
