@@ -11,18 +11,27 @@ by ``python -m refimpl check``.
     ['squeeze_excitation']
 """
 
-from refimpl.registry import (
-    Component,
-    Example,
-    Paper,
-    components,
-    create,
-    get,
-    papers,
-    state_dict_numpy,
-)
+from refimpl._lazy import lazy_exports
 
 __version__ = "0.1.0"
+
+# The registry imports torch; it loads on first use, so that the NumPy side
+# (refimpl.numpy_functional, refimpl.<paper>.numpy_forward) imports without torch.
+_TORCH_SIDE = {
+    name: "refimpl.registry"
+    for name in (
+        "Component",
+        "Example",
+        "Paper",
+        "components",
+        "create",
+        "get",
+        "papers",
+        "state_dict_numpy",
+    )
+}
+_TORCH_SIDE["registry"] = "refimpl.registry"
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = [
     "Component",

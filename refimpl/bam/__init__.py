@@ -15,10 +15,19 @@ elsewhere; both are options here (``combine="product"``, ``norm="hidden"``), and
 :func:`convert_official_state_dict` loads its weights.
 """
 
-from refimpl.bam.convert import convert_official_state_dict
-from refimpl.bam.networks import BAMResNet, bam_resnet50
+from refimpl._lazy import lazy_exports
 from refimpl.bam.numpy_forward import attention_map, bam, channel_gate, spatial_gate
-from refimpl.bam.torch_module import BAM, ChannelGate, SpatialGate
+
+# The PyTorch side loads on first use: the NumPy forward imports without torch.
+_TORCH_SIDE = {
+    "convert_official_state_dict": "refimpl.bam.convert",
+    "BAMResNet": "refimpl.bam.networks",
+    "bam_resnet50": "refimpl.bam.networks",
+    "BAM": "refimpl.bam.torch_module",
+    "ChannelGate": "refimpl.bam.torch_module",
+    "SpatialGate": "refimpl.bam.torch_module",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = [
     "BAM",

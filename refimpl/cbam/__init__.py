@@ -15,9 +15,17 @@ authors' code (MLP biases, [max; mean] pooling order, batch norm after the spati
 convolution); :func:`convert_official_state_dict` loads the code's weights.
 """
 
-from refimpl.cbam.convert import convert_official_state_dict
+from refimpl._lazy import lazy_exports
 from refimpl.cbam.numpy_forward import cbam, channel_attention, spatial_attention
-from refimpl.cbam.torch_module import CBAM, ChannelAttention, SpatialAttention
+
+# The PyTorch side loads on first use: the NumPy forward imports without torch.
+_TORCH_SIDE = {
+    "convert_official_state_dict": "refimpl.cbam.convert",
+    "CBAM": "refimpl.cbam.torch_module",
+    "ChannelAttention": "refimpl.cbam.torch_module",
+    "SpatialAttention": "refimpl.cbam.torch_module",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = [
     "CBAM",

@@ -14,14 +14,20 @@ O((hw)^2). The paper's A^2-ResNet-50 (33.0M parameters, 6.5 GFLOPs, 77.0% top-1 
 ImageNet) adds a few such blocks to ResNet-50.
 """
 
-from refimpl.double_attention.networks import a2_resnet50
+from refimpl._lazy import lazy_exports
 from refimpl.double_attention.numpy_forward import (
     double_attention,
     feature_distribution,
     feature_gathering,
     naive_order,
 )
-from refimpl.double_attention.torch_module import DoubleAttention
+
+# The PyTorch side loads on first use: the NumPy forward imports without torch.
+_TORCH_SIDE = {
+    "a2_resnet50": "refimpl.double_attention.networks",
+    "DoubleAttention": "refimpl.double_attention.torch_module",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = [
     "DoubleAttention",

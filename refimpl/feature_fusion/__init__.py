@@ -15,7 +15,7 @@ with :func:`convert_official_state_dict` and the options ``AFF(factor_two=True)`
 ``IAFF(share_global=True)``.
 """
 
-from refimpl.feature_fusion.convert import convert_official_state_dict
+from refimpl._lazy import lazy_exports
 from refimpl.feature_fusion.numpy_forward import (
     aff,
     global_context,
@@ -23,7 +23,17 @@ from refimpl.feature_fusion.numpy_forward import (
     local_context,
     mscam,
 )
-from refimpl.feature_fusion.torch_module import AFF, IAFF, MSCAM, GlobalContext, LocalContext
+
+# The PyTorch side loads on first use: the NumPy forward imports without torch.
+_TORCH_SIDE = {
+    "convert_official_state_dict": "refimpl.feature_fusion.convert",
+    "AFF": "refimpl.feature_fusion.torch_module",
+    "IAFF": "refimpl.feature_fusion.torch_module",
+    "MSCAM": "refimpl.feature_fusion.torch_module",
+    "GlobalContext": "refimpl.feature_fusion.torch_module",
+    "LocalContext": "refimpl.feature_fusion.torch_module",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = [
     "AFF",

@@ -12,18 +12,22 @@ also compares three mask activations (mixed f1, channel f2, spatial f3) and buil
 Attention-56 and Attention-92 for ImageNet.
 """
 
+from refimpl._lazy import lazy_exports
 from refimpl.residual_attention.numpy_forward import (
     attention_module,
     mask_head,
     residual_unit,
     soft_mask_branch,
 )
-from refimpl.residual_attention.torch_module import (
-    AttentionModule,
-    MaskHead,
-    ResidualUnit,
-    SoftMaskBranch,
-)
+
+# The PyTorch side loads on first use: the NumPy forward imports without torch.
+_TORCH_SIDE = {
+    "AttentionModule": "refimpl.residual_attention.torch_module",
+    "MaskHead": "refimpl.residual_attention.torch_module",
+    "ResidualUnit": "refimpl.residual_attention.torch_module",
+    "SoftMaskBranch": "refimpl.residual_attention.torch_module",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = [
     "AttentionModule",

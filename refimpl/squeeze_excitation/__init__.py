@@ -9,8 +9,14 @@ block sits on the residual branch of every bottleneck, after the last batch norm
 before the addition; it adds about 10% parameters and 0.3% multiply-accumulates.
 """
 
-from refimpl.squeeze_excitation.networks import se_resnet50
+from refimpl._lazy import lazy_exports
 from refimpl.squeeze_excitation.numpy_forward import squeeze_excitation
-from refimpl.squeeze_excitation.torch_module import SqueezeExcitation
+
+# The PyTorch side loads on first use: the NumPy forward imports without torch.
+_TORCH_SIDE = {
+    "se_resnet50": "refimpl.squeeze_excitation.networks",
+    "SqueezeExcitation": "refimpl.squeeze_excitation.torch_module",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _TORCH_SIDE, globals())
 
 __all__ = ["SqueezeExcitation", "se_resnet50", "squeeze_excitation"]
