@@ -37,6 +37,16 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 }
 
 
+#: Input shapes tests draw from by default: small (N <= 3, C <= 32, H, W <= 17), odd, even
+#: and 1 all included.
+DEFAULT_SHAPE_SPACE: dict[str, tuple[int, int]] = {
+    "N": (1, 3),
+    "C": (1, 32),
+    "H": (1, 17),
+    "W": (1, 17),
+}
+
+
 @dataclass(frozen=True)
 class Example:
     """A small random instance of a component, the same for the same seed.
@@ -149,6 +159,17 @@ class Component:
         properties: the paper's implementation-independent properties, run by
             ``refimpl.testing.check_invariants`` on any module.
         variants: the catalogue of known variants (popular and official forms).
+        build_example: ``(options, shape, seed) -> Example``: the module built with
+            ``options`` (drawn from ``option_space``) for ``shape[1]`` channels, random
+            weights from ``seed``, inputs of ``shape``. ``make_example`` and the
+            Hypothesis strategies (tests/strategies.py) both build through it.
+        shape_space: inclusive ranges ``{"N": (lo, hi), "C": ..., "H": ..., "W": ...}``
+            that tests draw input shapes from.
+        valid: ``(options, shape, training) -> bool``: whether the component is defined
+            there (batch norm in training needs more than one value per channel, ...);
+            the one place such constraints between options and shapes are written.
+        saved_bytes_bound: at most this many times the input's bytes saved for backward
+            (parameters excluded), in training mode; ``None`` where nothing is promised.
     """
 
     name: str
@@ -167,6 +188,14 @@ class Component:
     option_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     properties: tuple[Property, ...] = ()
     variants: tuple[Variant, ...] = ()
+    build_example: Callable[[Mapping[str, Any], tuple[int, ...], int], Example] | None = None
+    shape_space: Mapping[str, tuple[int, int]] = field(
+        default_factory=lambda: dict(DEFAULT_SHAPE_SPACE)
+    )
+    valid: Callable[[Mapping[str, Any], tuple[int, ...], bool], bool] = (
+        lambda options, shape, training: True
+    )
+    saved_bytes_bound: float | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +282,29 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
             elif name.endswith("running_var"):
                 b.copy_(0.5 + 1.5 * torch.rand(b.shape, generator=g, dtype=torch.float64))
     return module
+
+
+def draw_options(space: Mapping[str, tuple[Any, ...]], rng: np.random.Generator) -> dict[str, Any]:
+    """One value of each option of ``space``, drawn uniformly with ``rng`` (the same
+    declaration the Hypothesis strategies sample from)."""
+    return {name: values[int(rng.integers(len(values)))] for name, values in space.items()}
+
+
+def draw_case(
+    option_space: Mapping[str, tuple[Any, ...]],
+    shape_space: Mapping[str, tuple[int, int]],
+    valid: Callable[[Mapping[str, Any], tuple[int, ...], bool], bool],
+    rng: np.random.Generator,
+    training: bool = True,
+) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Options and an (N, C, H, W) shape drawn with ``rng`` until ``valid`` accepts them
+    (in training mode by default: ``python -m refimpl check`` runs examples both ways)."""
+    for _ in range(1000):
+        options = draw_options(option_space, rng)
+        shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in shape_space.values())
+        if valid(options, shape, training):
+            return options, shape
+    raise RuntimeError("no valid options and shape in 1000 draws: the constraint is too tight")
 
 
 def random_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:

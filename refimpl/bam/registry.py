@@ -7,26 +7,48 @@ import torch
 
 from refimpl.bam.numpy_forward import bam
 from refimpl.bam.torch_module import BAM, COMBINES, NORMS
-from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+from refimpl.registry import (
+    Component,
+    Example,
+    Invariant,
+    Paper,
+    draw_case,
+    random_input,
+    randomize_,
+)
+
+#: The constructor options and the values tests and examples draw from. C from 1 upward
+#: with r up to 16, so C < r (hidden width 1) comes up often; dilations up to 5 exceed most
+#: drawn sizes, so taps beyond the border are the rule.
+OPTION_SPACE = {
+    "reduction": (1, 2, 4, 8, 16),
+    "dilation": (1, 2, 3, 4, 5),
+    "norm": NORMS,
+    "combine": COMBINES,
+}
+SHAPE_SPACE = {"N": (1, 3), "C": (1, 40), "H": (1, 17), "W": (1, 17)}
+#: Examples: N >= 2, since ``python -m refimpl check`` also runs every example in training
+#: mode; sizes up to 11.
+EXAMPLE_SHAPES = {"N": (2, 3), "C": (1, 48), "H": (1, 11), "W": (1, 11)}
+
+
+def valid(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+    """Training mode needs N >= 2: the batch norm after the global pooling."""
+    return not training or shape[0] >= 2
+
+
+def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+    """A BAM with ``options`` for ``shape``, random weights from ``seed``."""
+    module = randomize_(BAM(shape[1], **options).double(), seed).eval()
+    keys = ("dilation", "norm", "combine")
+    return Example(module, (random_input(shape, seed + 1),), {k: options[k] for k in keys})
 
 
 def make_example(seed: int) -> Example:
-    """A BAM with options, widths and input shape all drawn from ``seed``.
-
-    N >= 2: ``python -m refimpl check`` also runs every example in training mode, where the
-    batch norm after the global pooling needs two items.
-    """
+    """A BAM with options, widths and input shape all drawn from ``seed``."""
     rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 49))
-    options = {
-        "dilation": int(rng.integers(1, 6)),
-        "norm": str(rng.choice(NORMS)),
-        "combine": str(rng.choice(COMBINES)),
-    }
-    module = BAM(channels, reduction=int(rng.choice([1, 2, 4, 8, 16])), **options)
-    randomize_(module.double(), seed).eval()
-    shape = (int(rng.integers(2, 4)), channels, int(rng.integers(1, 12)), int(rng.integers(1, 12)))
-    return Example(module, (random_input(shape, seed + 1),), options)
+    options, shape = draw_case(OPTION_SPACE, EXAMPLE_SHAPES, valid, rng)
+    return build_example(options, shape, seed)
 
 
 def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
@@ -70,6 +92,10 @@ PAPER = Paper(
             numpy_forward=bam,
             make_example=make_example,
             invariants=invariants,
+            option_space=OPTION_SPACE,
+            build_example=build_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
             # float32 is looser than the default (1e-5, 1e-6) for training mode's sake: the
             # channel branch's batch norm normalises N = 2 or 3 pooled values per channel,
             # and where two items' values nearly coincide its output moves up to

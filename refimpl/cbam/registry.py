@@ -6,81 +6,117 @@ import numpy as np
 import torch
 
 from refimpl.cbam.numpy_forward import cbam, channel_attention, spatial_attention
-from refimpl.cbam.torch_module import ARRANGEMENTS, CBAM, ChannelAttention, SpatialAttention
-from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+from refimpl.cbam.torch_module import (
+    ARRANGEMENTS,
+    CBAM,
+    VARIANTS,
+    ChannelAttention,
+    SpatialAttention,
+)
+from refimpl.registry import (
+    Component,
+    Example,
+    Invariant,
+    Paper,
+    draw_case,
+    random_input,
+    randomize_,
+)
 
-CHANNEL_POOLINGS = (("avg", "max"), ("avg",), ("max",))
+CHANNEL_POOLINGS = (("avg", "max"), ("avg",), ("max",), ("max", "avg"))
 SPATIAL_POOLINGS = (("avg", "max"), ("max", "avg"), ("avg",), ("max",))
 
+#: The constructor options of each component and the values tests and examples draw from.
+#: C from 1 upward with r up to 16, so C < r (hidden width 1) comes up often; kernels up to
+#: 9 > 1 + 2 * 3, larger than many drawn sizes; None where the variant presets decide.
+CHANNEL_SPACE = {
+    "reduction": (1, 2, 4, 8, 16),
+    "pooling": CHANNEL_POOLINGS,
+    "variant": VARIANTS,
+    "bias": (None, False, True),
+}
+SPATIAL_SPACE = {
+    "kernel_size": (1, 3, 5, 7, 9),
+    "pooling": (None, *SPATIAL_POOLINGS),
+    "variant": VARIANTS,
+    "bias": (False, True),
+    "bn": (None, False, True),
+}
+CBAM_SPACE = {
+    "reduction": (1, 2, 4, 8, 16),
+    "pooling": CHANNEL_POOLINGS,
+    "kernel_size": (1, 3, 5, 7, 9),
+    "spatial_pooling": (None, *SPATIAL_POOLINGS),
+    "arrangement": ARRANGEMENTS,
+    "variant": VARIANTS,
+    "bias": (None, False, True),
+    "spatial_bias": (False, True),
+    "spatial_bn": (None, False, True),
+}
+SHAPE_SPACE = {"N": (1, 3), "C": (1, 40), "H": (1, 17), "W": (1, 17)}
+#: Examples for ``python -m refimpl check`` (fixed tolerances): sizes below and above the
+#: kernel, and, with batch norm, at least 6 pooled values per batch (see ``_conditioned``).
+EXAMPLE_SHAPES = {"N": (1, 3), "C": (1, 48), "H": (1, 9), "W": (1, 9)}
 
-def _shape(rng: np.random.Generator, channels: int, bn: bool) -> tuple[int, int, int, int]:
-    """(N, C, H, W) with H, W from 1 to 9 (below and above the kernel). With batch norm
-    the pooled map must have more than one value per batch for training mode, and a few
-    more keep its batch variance away from 0 (where float32 rounding would be amplified)."""
-    while True:
-        shape = (
-            int(rng.integers(1, 4)),
-            channels,
-            int(rng.integers(1, 10)),
-            int(rng.integers(1, 10)),
-        )
-        if not bn or shape[0] * shape[2] * shape[3] >= 6:
-            return shape
+
+def has_bn(options: dict) -> bool:
+    """Whether the spatial gate has its batch norm (the official variant's default)."""
+    bn = options.get("spatial_bn", options.get("bn"))
+    return options.get("variant", "paper") == "official" if bn is None else bn
+
+
+def valid(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+    """Batch norm in training mode needs more than one value (torch and NumPy raise)."""
+    return not (training and has_bn(options) and shape[0] * shape[2] * shape[3] == 1)
+
+
+def _conditioned(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+    """``valid``, and with batch norm a few more values, keeping its batch variance away
+    from 0 (where float32 rounding would be amplified beyond the fixed tolerance)."""
+    return valid(options, shape, training) and (
+        not has_bn(options) or shape[0] * shape[2] * shape[3] >= 6
+    )
+
+
+def build_channel_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+    """A channel gate with ``options`` for ``shape``, random weights from ``seed``."""
+    module = randomize_(ChannelAttention(shape[1], **options).double(), seed).eval()
+    return Example(module, (random_input(shape, seed + 1),), {"pooling": options["pooling"]})
+
+
+def build_spatial_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+    """A spatial gate with ``options`` for ``shape``, random weights from ``seed``."""
+    module = randomize_(SpatialAttention(shape[1], **options).double(), seed).eval()
+    numpy_options = {"pooling": options["pooling"], "variant": options["variant"]}
+    return Example(module, (random_input(shape, seed + 1),), numpy_options)
+
+
+def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+    """A CBAM with ``options`` for ``shape``, random weights from ``seed``."""
+    module = randomize_(CBAM(shape[1], **options).double(), seed).eval()
+    keys = ("pooling", "spatial_pooling", "arrangement", "variant")
+    return Example(module, (random_input(shape, seed + 1),), {k: options[k] for k in keys})
+
+
+def _seeded(space: dict, build, seed: int) -> Example:
+    rng = np.random.default_rng(seed)
+    options, shape = draw_case(space, EXAMPLE_SHAPES, _conditioned, rng)
+    return build(options, shape, seed)
 
 
 def make_channel_example(seed: int) -> Example:
     """A channel gate with options, widths and input shape drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 49))
-    options = {"pooling": CHANNEL_POOLINGS[int(rng.integers(len(CHANNEL_POOLINGS)))]}
-    module = ChannelAttention(
-        channels,
-        reduction=int(rng.choice([1, 2, 4, 8, 16])),
-        variant=str(rng.choice(["paper", "official"])),
-        **options,
-    )
-    randomize_(module.double(), seed).eval()
-    return Example(module, (random_input(_shape(rng, channels, False), seed + 1),), options)
+    return _seeded(CHANNEL_SPACE, build_channel_example, seed)
 
 
 def make_spatial_example(seed: int) -> Example:
     """A spatial gate with options, kernel and input shape drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 49))
-    options = {"pooling": SPATIAL_POOLINGS[int(rng.integers(len(SPATIAL_POOLINGS)))]}
-    bn = bool(rng.integers(2))
-    module = SpatialAttention(
-        channels,
-        kernel_size=int(rng.choice([1, 3, 5, 7])),
-        bias=bool(rng.integers(2)),
-        bn=bn,
-        **options,
-    )
-    randomize_(module.double(), seed).eval()
-    return Example(module, (random_input(_shape(rng, channels, bn), seed + 1),), options)
+    return _seeded(SPATIAL_SPACE, build_spatial_example, seed)
 
 
 def make_example(seed: int) -> Example:
     """A CBAM with every option, widths and input shape drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 49))
-    variant = str(rng.choice(["paper", "official"]))
-    options = {
-        "pooling": CHANNEL_POOLINGS[int(rng.integers(len(CHANNEL_POOLINGS)))],
-        "spatial_pooling": SPATIAL_POOLINGS[int(rng.integers(len(SPATIAL_POOLINGS)))],
-        "arrangement": str(rng.choice(ARRANGEMENTS)),
-        "variant": variant,
-    }
-    module = CBAM(
-        channels,
-        reduction=int(rng.choice([1, 2, 4, 8, 16])),
-        kernel_size=int(rng.choice([3, 5, 7])),
-        spatial_bias=bool(rng.integers(2)),
-        **options,
-    )
-    randomize_(module.double(), seed).eval()
-    bn = module.spatial.bn is not None
-    return Example(module, (random_input(_shape(rng, channels, bn), seed + 1),), options)
+    return _seeded(CBAM_SPACE, build_example, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,6 +218,10 @@ PAPER = Paper(
             numpy_forward=channel_attention,
             make_example=make_channel_example,
             invariants=channel_invariants,
+            option_space=CHANNEL_SPACE,
+            build_example=build_channel_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
         ),
         Component(
             name="spatial_attention",
@@ -190,6 +230,10 @@ PAPER = Paper(
             numpy_forward=spatial_attention,
             make_example=make_spatial_example,
             invariants=spatial_invariants,
+            option_space=SPATIAL_SPACE,
+            build_example=build_spatial_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
         ),
         Component(
             name="cbam",
@@ -198,6 +242,10 @@ PAPER = Paper(
             numpy_forward=cbam,
             make_example=make_example,
             invariants=invariants,
+            option_space=CBAM_SPACE,
+            build_example=build_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
         ),
     ),
 )

@@ -9,33 +9,54 @@ import torch
 
 from refimpl.double_attention.numpy_forward import double_attention
 from refimpl.double_attention.torch_module import DoubleAttention
-from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+from refimpl.registry import (
+    Component,
+    Example,
+    Invariant,
+    Paper,
+    draw_case,
+    random_input,
+    randomize_,
+)
+
+#: The constructor options and the values tests and examples draw from: widths m and n
+#: by reduction (None) or given directly (m != n and m, n > c included); the output
+#: convolution and the residual each on or off (the bare operator included).
+OPTION_SPACE = {
+    "m": (None, None, 1, 3, 16, 40),
+    "n": (None, None, 1, 3, 16, 40),
+    "reduction": (1, 2, 4, 8),
+    "bias": (True, False),
+    "output_conv": (True, True, True, False),
+    "residual": (True, False),
+}
+#: Maps from 1 x 1 to 17 x 17, on both sides of hw = c where the module switches the
+#: order of its products.
+SHAPE_SPACE = {"N": (1, 3), "C": (1, 32), "H": (1, 17), "W": (1, 17)}
+EXAMPLE_SHAPES = {"N": (1, 3), "C": (1, 48), "H": (1, 9), "W": (1, 9)}
+
+
+def valid(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+    """Defined everywhere (no batch statistics; see ``build_example`` for m)."""
+    return True
+
+
+def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+    """A double attention block with ``options`` for ``shape``, random weights from
+    ``seed``. With the residual but no output convolution, Z is added to X, so m is set
+    to C whatever was drawn (the one constraint between options and shape)."""
+    options = dict(options)
+    if options["residual"] and not options["output_conv"]:
+        options["m"] = shape[1]
+    module = randomize_(DoubleAttention(shape[1], **options).double(), seed).eval()
+    return Example(module, (random_input(shape, seed + 1),), {"residual": options["residual"]})
 
 
 def make_example(seed: int) -> Example:
-    """A double attention block with widths, options and input shape drawn from ``seed``.
-
-    m and n come from a reduction ratio or directly (m != n included); the output
-    convolution and the residual are each on or off (the bare operator included); the
-    maps go from 1 x 1 to 9 x 9, on both sides of hw = c where the module switches the
-    order of its products.
-    """
+    """A double attention block with widths, options and input shape drawn from ``seed``."""
     rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 49))
-    output_conv = bool(rng.integers(4))  # on 3 times in 4
-    residual = bool(rng.integers(2))
-    if rng.integers(2):
-        m, n = int(rng.integers(1, 2 * channels + 2)), int(rng.integers(1, 2 * channels + 2))
-    else:
-        m = n = max(1, channels // int(rng.choice([1, 2, 4, 8])))
-    if residual and not output_conv:
-        m = channels
-    module = DoubleAttention(
-        channels, m, n, bias=bool(rng.integers(2)), output_conv=output_conv, residual=residual
-    )
-    randomize_(module.double(), seed).eval()
-    shape = (int(rng.integers(1, 4)), channels, int(rng.integers(1, 10)), int(rng.integers(1, 10)))
-    return Example(module, (random_input(shape, seed + 1),), {"residual": residual})
+    options, shape = draw_case(OPTION_SPACE, EXAMPLE_SHAPES, valid, rng)
+    return build_example(options, shape, seed)
 
 
 def _within_rows(values: torch.Tensor, columns: torch.Tensor) -> float:
@@ -106,6 +127,10 @@ PAPER = Paper(
             numpy_forward=double_attention,
             make_example=make_example,
             invariants=invariants,
+            option_space=OPTION_SPACE,
+            build_example=build_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
             aliases=("a2", "double_attention_block"),
         ),
     ),

@@ -10,7 +10,15 @@ import torch
 from refimpl.feature_fusion.convert import convert_official_state_dict
 from refimpl.feature_fusion.numpy_forward import aff, global_context, iaff, local_context, mscam
 from refimpl.feature_fusion.torch_module import AFF, IAFF, MSCAM, GlobalContext, LocalContext
-from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+from refimpl.registry import (
+    Component,
+    Example,
+    Invariant,
+    Paper,
+    draw_case,
+    random_input,
+    randomize_,
+)
 
 #: Example modules with a global branch train a batch norm after global pooling, which
 #: needs N >= 2 images; the examples draw N from 3 and 4, where batch statistics are
@@ -30,24 +38,59 @@ _MIN_BATCH = {LocalContext: 1, GlobalContext: 3, MSCAM: 3, AFF: 3, IAFF: 3}
 TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (1e-4, 1e-4)}
 
 
-def _example(cls: type[torch.nn.Module], seed: int, n_inputs: int, **options) -> Example:
-    """A random instance of ``cls`` with widths and input shape drawn from ``seed``."""
+#: The constructor options of each component and the values tests and examples draw from.
+#: C from 1 upward with r up to 16, so C < r (hidden width 1) comes up often.
+CONTEXT_SPACE = {"reduction": (1, 2, 4, 16), "bias": (True, False)}
+AFF_SPACE = {**CONTEXT_SPACE, "factor_two": (False, True)}
+IAFF_SPACE = {**CONTEXT_SPACE, "share_global": (False, True)}
+SHAPE_SPACE = {"N": (1, 3), "C": (1, 32), "H": (1, 17), "W": (1, 17)}
+EXAMPLE_SHAPES = {"N": (1, 4), "C": (1, 40), "H": (1, 9), "W": (1, 9)}
+#: The options each NumPy forward takes (the widths are in the weights).
+_NUMPY_OPTIONS = ("factor_two", "share_global")
+
+
+def valid(options: dict, shape: tuple[int, ...], training: bool, *, global_branch: bool) -> bool:
+    """Training mode's batch norms need more than one value per channel: N >= 2 images
+    after a global pooling, N H W >= 2 positions in the local branch."""
+    n, _, h, w = shape
+    return not training or (n >= 2 if global_branch else n * h * w >= 2)
+
+
+def _valid_for(cls: type[torch.nn.Module]):
+    global_branch = cls is not LocalContext
+
+    def valid_for(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+        return valid(options, shape, training, global_branch=global_branch)
+
+    valid_for.__doc__ = valid.__doc__
+    return valid_for
+
+
+def _build(cls: type[torch.nn.Module], n_inputs: int):
+    """The example builder of ``cls``: ``(options, shape, seed) -> Example``; the inputs
+    are well-spread batches (see ``_well_spread_batch``)."""
+
+    def build(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+        module = randomize_(cls(shape[1], **options).double(), seed).eval()
+        inputs = tuple(_well_spread_batch(shape, seed + 1 + i) for i in range(n_inputs))
+        numpy_options = {k: v for k, v in options.items() if k in _NUMPY_OPTIONS}
+        return Example(module, inputs, numpy_options)
+
+    build.__name__ = build.__qualname__ = f"build_{cls.__name__}_example"
+    build.__doc__ = f"A {cls.__name__} with ``options`` for ``shape``, weights from ``seed``."
+    return build
+
+
+def _seeded(cls: type[torch.nn.Module], space: dict, build, seed: int) -> Example:
+    """Options from ``space`` and a shape from ``seed``, N >= _MIN_BATCH."""
     rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 41))
-    module = cls(
-        channels,
-        reduction=int(rng.choice([1, 2, 4, 16])),
-        bias=bool(rng.integers(2)),
-        **options,
-    )
-    randomize_(module.double(), seed).eval()
-    n = int(rng.integers(_MIN_BATCH[cls], 5))
-    h, w = int(rng.integers(1, 10)), int(rng.integers(1, 10))
-    if n * h * w < 2:  # the local branch's batch norm needs two values to train
-        w = 2
-    shape = (n, channels, h, w)
-    inputs = tuple(_well_spread_batch(shape, seed + 1 + i) for i in range(n_inputs))
-    return Example(module, inputs, options)
+    low = _MIN_BATCH[cls]
+
+    def conditioned(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+        return shape[0] >= low and _valid_for(cls)(options, shape, training)
+
+    options, shape = draw_case(space, EXAMPLE_SHAPES, conditioned, rng)
+    return build(options, shape, seed)
 
 
 def _well_spread_batch(shape: tuple[int, int, int, int], seed: int) -> torch.Tensor:
@@ -62,30 +105,36 @@ def _well_spread_batch(shape: tuple[int, int, int, int], seed: int) -> torch.Ten
     return random_input(shape, seed) + offsets
 
 
+build_local_example = _build(LocalContext, 1)
+build_global_example = _build(GlobalContext, 1)
+build_mscam_example = _build(MSCAM, 1)
+build_aff_example = _build(AFF, 2)
+build_iaff_example = _build(IAFF, 2)
+
+
 def make_local_example(seed: int) -> Example:
     """A :class:`LocalContext` drawn from ``seed``."""
-    return _example(LocalContext, seed, 1)
+    return _seeded(LocalContext, CONTEXT_SPACE, build_local_example, seed)
 
 
 def make_global_example(seed: int) -> Example:
     """A :class:`GlobalContext` drawn from ``seed``."""
-    return _example(GlobalContext, seed, 1)
+    return _seeded(GlobalContext, CONTEXT_SPACE, build_global_example, seed)
 
 
 def make_mscam_example(seed: int) -> Example:
     """An :class:`MSCAM` drawn from ``seed``."""
-    return _example(MSCAM, seed, 1)
+    return _seeded(MSCAM, CONTEXT_SPACE, build_mscam_example, seed)
 
 
 def make_aff_example(seed: int) -> Example:
     """An :class:`AFF` drawn from ``seed``, with or without the official factor 2."""
-    return _example(AFF, seed, 2, factor_two=bool(np.random.default_rng(seed + 7).integers(2)))
+    return _seeded(AFF, AFF_SPACE, build_aff_example, seed)
 
 
 def make_iaff_example(seed: int) -> Example:
     """An :class:`IAFF` drawn from ``seed``, with the paper's or the popular global branch."""
-    share = bool(np.random.default_rng(seed + 7).integers(2))
-    return _example(IAFF, seed, 2, share_global=share)
+    return _seeded(IAFF, IAFF_SPACE, build_iaff_example, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,6 +245,10 @@ PAPER = Paper(
             module=LocalContext,
             numpy_forward=local_context,
             make_example=make_local_example,
+            option_space=CONTEXT_SPACE,
+            build_example=build_local_example,
+            shape_space=SHAPE_SPACE,
+            valid=_valid_for(LocalContext),
             invariants=local_invariants,
             attention=False,
             tolerances=TOLERANCES,
@@ -206,6 +259,10 @@ PAPER = Paper(
             module=GlobalContext,
             numpy_forward=global_context,
             make_example=make_global_example,
+            option_space=CONTEXT_SPACE,
+            build_example=build_global_example,
+            shape_space=SHAPE_SPACE,
+            valid=_valid_for(GlobalContext),
             invariants=global_invariants,
             attention=False,
             tolerances=TOLERANCES,
@@ -216,6 +273,10 @@ PAPER = Paper(
             module=MSCAM,
             numpy_forward=mscam,
             make_example=make_mscam_example,
+            option_space=CONTEXT_SPACE,
+            build_example=build_mscam_example,
+            shape_space=SHAPE_SPACE,
+            valid=_valid_for(MSCAM),
             invariants=mscam_invariants,
             aliases=("ms_cam",),
             tolerances=TOLERANCES,
@@ -226,6 +287,10 @@ PAPER = Paper(
             module=AFF,
             numpy_forward=aff,
             make_example=make_aff_example,
+            option_space=AFF_SPACE,
+            build_example=build_aff_example,
+            shape_space=SHAPE_SPACE,
+            valid=_valid_for(AFF),
             invariants=aff_invariants,
             attention=False,
             n_inputs=2,
@@ -237,6 +302,10 @@ PAPER = Paper(
             module=IAFF,
             numpy_forward=iaff,
             make_example=make_iaff_example,
+            option_space=IAFF_SPACE,
+            build_example=build_iaff_example,
+            shape_space=SHAPE_SPACE,
+            valid=_valid_for(IAFF),
             invariants=iaff_invariants,
             attention=False,
             n_inputs=2,

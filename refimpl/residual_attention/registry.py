@@ -11,7 +11,15 @@ import copy
 import numpy as np
 import torch
 
-from refimpl.registry import Component, Example, Invariant, Paper, random_input, randomize_
+from refimpl.registry import (
+    Component,
+    Example,
+    Invariant,
+    Paper,
+    draw_options,
+    random_input,
+    randomize_,
+)
 from refimpl.residual_attention.numpy_forward import (
     attention_module,
     mask_head,
@@ -35,7 +43,7 @@ from refimpl.residual_attention.torch_module import (
 # ill-conditioned, and a deep random network always has a few such places: a batch norm in
 # training mode whose channel is nearly constant over its values (x - mean cancels), f3 on
 # a channel whose logits barely vary (it divides by their std), f2 at a position whose
-# logit vector is short. The examples keep off the worst of it (see _shape and
+# logit vector is short. The examples keep off the worst of it (see _seeded and
 # keep_channel_logits_off_zero_); measured then, the smallest rtol (with atol = rtol / 10)
 # that passes, worst over 300 seeds: 4.6e-5 (mask branch), 2.0e-4 (module, f3 in training
 # mode; 7e-5 otherwise), 1.1e-5 in eval mode. rtol 5e-4 leaves a margin of 2.5; a wrong
@@ -46,25 +54,66 @@ from refimpl.residual_attention.torch_module import (
 DEEP_TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (5e-4, 5e-5)}
 
 
-def _shape(
-    rng: np.random.Generator, channels: int, max_hw: int = 12, depth: int = 0
-) -> tuple[int, ...]:
-    """(N, C, H, W) with N in 2-3; H, W from 1 to max_hw - 1, or, for a mask branch of
-    ``depth`` poolings, from 2^(depth+1) + 1 up, so that its deepest level keeps at least
-    3x3 positions: batch norm in training mode then normalises 18 or more values per
-    channel at every level. With 2 to 8 values a channel is often nearly constant, and
-    float32's cancellation in x - mean grows beyond any fixed tolerance (the tests cover
-    1x1 levels, in float64, and in float32 with a tolerance that measures it)."""
-    low = 2 ** (depth + 1) + 1 if depth else 1
-    hw = rng.integers(low, max(max_hw, low + 8), size=2)
-    return (int(rng.integers(2, 4)), channels, int(hw[0]), int(hw[1]))
+#: The constructor options of each component and the values tests and examples draw from.
+UNIT_SPACE = {"out_channels": (None, None, 1, 8, 16, 32), "stride": (1, 2)}
+HEAD_SPACE = {"activation": ACTIVATIONS}
+BRANCH_SPACE = {
+    "r": (1, 2),
+    "depth": (1, 2, 3),
+    "skips": (0, 1, 2),  # < depth, see valid
+    "activation": ACTIVATIONS,
+    "align_corners": (True, False),
+}
+#: None (the learned mask) in half the draws or more. A forced M = 0 under NAL makes
+#: H = 0, and the last units' batch norms then normalise constant channels, where
+#: training mode is ill-conditioned (excluded by valid).
+MODULE_SPACE = {
+    "p": (0, 1, 2),
+    "t": (0, 1, 2),
+    "r": (1, 2),
+    "depth": (1, 2, 3),
+    "skips": (0, 1, 2),
+    "activation": ACTIVATIONS,
+    "learning": LEARNINGS,
+    "force_mask": (None, None, None, 0.0, 0.5, 1.0),
+    "align_corners": (True, False),
+}
+UNIT_SHAPES = {"N": (1, 3), "C": (1, 32), "H": (1, 17), "W": (1, 17)}
+SHAPE_SPACE = {"N": (1, 3), "C": (1, 16), "H": (1, 17), "W": (1, 17)}
+
+#: The options each NumPy forward takes (the structure is read from the weights).
+_NUMPY_OPTIONS = ("stride", "activation", "learning", "force_mask", "align_corners")
 
 
-def _example(module: torch.nn.Module, shape: tuple[int, ...], seed: int, options: dict) -> Example:
-    randomize_(module.double(), seed).eval()
-    if options.get("activation") == "channel":
-        keep_channel_logits_off_zero_(module)
-    return Example(module, (random_input(shape, seed + 1),), options)
+def valid(options: dict, shape: tuple[int, ...], training: bool) -> bool:
+    """Training needs N >= 2: batch norm then has more than one value per channel at
+    every level, even where the mask branch has pooled down to 1x1. Skips < depth; a
+    forced M = 0 with the ARL only (above)."""
+    if training and shape[0] < 2:
+        return False
+    if options.get("skips", 0) >= options.get("depth", 1):
+        return False
+    return not (options.get("force_mask") == 0.0 and options.get("learning") == "nal")
+
+
+def _seeded(space: dict, build, seed: int) -> Example:
+    """Options from ``space``, then a shape from ``seed`` for ``python -m refimpl check``'s
+    fixed tolerances: N in 2-3; H, W from 1 to 17, or, for a mask branch of ``depth``
+    poolings, from 2^(depth+1) + 1 up, so that its deepest level keeps at least 3x3
+    positions: batch norm in training mode then normalises 18 or more values per channel
+    at every level. With 2 to 8 values a channel is often nearly constant, and float32's
+    cancellation in x - mean grows beyond any fixed tolerance (the contract test covers
+    1x1 levels, with a tolerance that measures the example's conditioning)."""
+    rng = np.random.default_rng(seed)
+    shapes = UNIT_SHAPES if "stride" in space else SHAPE_SPACE
+    while True:
+        options = draw_options(space, rng)
+        low = 2 ** (options["depth"] + 1) + 1 if "depth" in options else 1
+        hw = rng.integers(low, max(18, low + 8), size=2)
+        c = int(rng.integers(shapes["C"][0], shapes["C"][1] + 1))
+        shape = (int(rng.integers(2, 4)), c, int(hw[0]), int(hw[1]))
+        if valid(options, shape, True):
+            return build(options, shape, seed)
 
 
 def keep_channel_logits_off_zero_(module: torch.nn.Module, shift: float = 4.0) -> None:
@@ -83,68 +132,45 @@ def keep_channel_logits_off_zero_(module: torch.nn.Module, shift: float = 4.0) -
                 m.bn2.bias += shift
 
 
+def _build(cls: type):
+    """The example builder of ``cls``: ``(options, shape, seed) -> Example``."""
+
+    def build(options: dict, shape: tuple[int, ...], seed: int) -> Example:
+        module = randomize_(cls(shape[1], **options).double(), seed).eval()
+        if options.get("activation") == "channel":
+            keep_channel_logits_off_zero_(module)
+        numpy_options = {k: v for k, v in options.items() if k in _NUMPY_OPTIONS}
+        return Example(module, (random_input(shape, seed + 1),), numpy_options)
+
+    build.__name__ = build.__qualname__ = f"build_{cls.__name__}_example"
+    build.__doc__ = f"A {cls.__name__} with ``options`` for ``shape``, weights from ``seed``."
+    return build
+
+
+build_residual_unit_example = _build(ResidualUnit)
+build_mask_head_example = _build(MaskHead)
+build_soft_mask_branch_example = _build(SoftMaskBranch)
+build_attention_module_example = _build(AttentionModule)
+
+
 def example_residual_unit(seed: int) -> Example:
     """A unit, identity or projection shortcut, stride 1 or 2, from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 25))
-    out_channels = channels if rng.integers(2) else int(rng.integers(1, 25))
-    stride = int(rng.choice([1, 2]))
-    module = ResidualUnit(channels, out_channels, stride)
-    return _example(module, _shape(rng, channels), seed, {"stride": stride})
+    return _seeded(UNIT_SPACE, build_residual_unit_example, seed)
 
 
 def example_mask_head(seed: int) -> Example:
     """A mask head with a random activation, from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 25))
-    options = {"activation": ACTIVATIONS[seed % 3]}  # any 3 seeds in a row: f1, f2, f3
-    return _example(MaskHead(channels, **options), _shape(rng, channels), seed, options)
+    return _seeded(HEAD_SPACE, build_mask_head_example, seed)
 
 
 def example_soft_mask_branch(seed: int) -> Example:
     """A mask branch of depth 1-3, any number of skips, r 1-2, from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 17))
-    depth = int(rng.integers(1, 4))
-    options = {
-        "activation": ACTIVATIONS[seed % 3],  # any 3 consecutive seeds cover f1, f2, f3
-        "align_corners": bool(rng.integers(2)),
-    }
-    module = SoftMaskBranch(
-        channels,
-        int(rng.integers(1, 3)),
-        depth=depth,
-        skips=int(rng.integers(0, depth)),
-        **options,
-    )
-    return _example(module, _shape(rng, channels, 18, depth), seed, options)
+    return _seeded(BRANCH_SPACE, build_soft_mask_branch_example, seed)
 
 
 def example_attention_module(seed: int) -> Example:
     """An attention module with p, t, r, depth, skips and every option drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    channels = int(rng.integers(1, 17))
-    depth = int(rng.integers(1, 4))
-    learning = str(rng.choice(LEARNINGS))
-    # A forced mask of 0 under NAL makes H = 0: the last units' batch norms then see
-    # constant channels (the degenerate case of _shape's note); forced 0 with ARL only.
-    forced = [0.0, 0.5, 1.0] if learning == "arl" else [0.5, 1.0]
-    options = {
-        "activation": ACTIVATIONS[seed % 3],  # any 3 consecutive seeds cover f1, f2, f3
-        "learning": learning,
-        "force_mask": None if rng.integers(4) else float(rng.choice(forced)),
-        "align_corners": bool(rng.integers(2)),
-    }
-    module = AttentionModule(
-        channels,
-        int(rng.integers(0, 3)),
-        int(rng.integers(0, 3)),
-        int(rng.integers(1, 3)),
-        depth=depth,
-        skips=int(rng.integers(0, depth)),
-        **options,
-    )
-    return _example(module, _shape(rng, channels, 18, depth), seed, options)
+    return _seeded(MODULE_SPACE, build_attention_module_example, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,6 +303,10 @@ PAPER = Paper(
             module=ResidualUnit,
             numpy_forward=residual_unit,
             make_example=example_residual_unit,
+            option_space=UNIT_SPACE,
+            build_example=build_residual_unit_example,
+            shape_space=UNIT_SHAPES,
+            valid=valid,
             invariants=invariants_residual_unit,
             attention=False,
             **_PAPER,
@@ -286,6 +316,10 @@ PAPER = Paper(
             module=MaskHead,
             numpy_forward=mask_head,
             make_example=example_mask_head,
+            option_space=HEAD_SPACE,
+            build_example=build_mask_head_example,
+            shape_space=UNIT_SHAPES,
+            valid=valid,
             invariants=invariants_mask_head,
             attention=False,
             **_PAPER,
@@ -295,6 +329,10 @@ PAPER = Paper(
             module=SoftMaskBranch,
             numpy_forward=soft_mask_branch,
             make_example=example_soft_mask_branch,
+            option_space=BRANCH_SPACE,
+            build_example=build_soft_mask_branch_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
             invariants=invariants_soft_mask_branch,
             attention=False,
             **_DEEP,
@@ -304,6 +342,10 @@ PAPER = Paper(
             module=AttentionModule,
             numpy_forward=attention_module,
             make_example=example_attention_module,
+            option_space=MODULE_SPACE,
+            build_example=build_attention_module_example,
+            shape_space=SHAPE_SPACE,
+            valid=valid,
             invariants=invariants_attention_module,
             aliases=("residual_attention",),
             **_DEEP,
