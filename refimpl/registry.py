@@ -10,6 +10,7 @@ them as soon as it is registered here.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,9 @@ class Component:
             against the NumPy float64 oracle: ``|torch - numpy| <= atol + rtol |numpy|``.
             Deep components may loosen float32, saying why where they register.
         oracle_options: ``module -> options``: the keyword options of the NumPy forward
-            that a built module implies (what its state dict cannot tell).
+            that a built module implies (what its state dict cannot tell). Default
+            (None): :func:`oracle_options`, each keyword option of the NumPy forward read
+            from the module's attribute of the same name (or a submodule's).
         option_space: the component's constructor options and the values tests draw
             from, declared once: ``{name: (value, ...)}`` (used by ``make_example`` and by
             the Hypothesis strategies).
@@ -184,7 +187,7 @@ class Component:
     tolerances: Mapping[str, tuple[float, float]] = field(
         default_factory=lambda: dict(DEFAULT_TOLERANCES)
     )
-    oracle_options: Callable[[nn.Module], dict[str, Any]] = lambda module: {}
+    oracle_options: Callable[[nn.Module], dict[str, Any]] | None = None
     option_space: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     properties: tuple[Property, ...] = ()
     variants: tuple[Variant, ...] = ()
@@ -212,6 +215,25 @@ class Paper:
     components: tuple[Component, ...]
 
 
+def oracle_options(component: Component, module: nn.Module) -> dict[str, Any]:
+    """The keyword options of ``component.numpy_forward`` that ``module`` (an instance of
+    ``component.module``) implies: ``component.oracle_options(module)`` if the component
+    declares it, else each keyword-only option of the NumPy forward (but ``training`` and
+    ``return_maps``) from the attribute of that name of the module, or of the first
+    submodule that has it."""
+    if component.oracle_options is not None:
+        return dict(component.oracle_options(module))
+    out = {}
+    for name, p in inspect.signature(component.numpy_forward).parameters.items():
+        if p.kind is not p.KEYWORD_ONLY or name in ("training", "return_maps"):
+            continue
+        for m in module.modules():
+            if hasattr(m, name):
+                out[name] = getattr(m, name)
+                break
+    return out
+
+
 def papers() -> dict[str, Paper]:
     """All registered papers, by slug, in tutorial order."""
     out = {}
@@ -227,10 +249,14 @@ def components() -> dict[str, Component]:
 
 
 def get(name: str) -> Component:
-    """The component called ``name`` (or one of its aliases)."""
+    """The component called ``name`` (or one of its aliases), case-insensitively.
+
+    ``"CBAM"``, ``"cbam"`` and ``"SE"`` all work; names and aliases are lowercase.
+    """
     comps = components()
+    key = name.lower() if isinstance(name, str) else name
     for c in comps.values():
-        if name == c.name or name in c.aliases:
+        if key == c.name or key in c.aliases:
             return c
     known = sorted([*comps, *(a for c in comps.values() for a in c.aliases)])
     raise KeyError(f"unknown component {name!r}; registered: {', '.join(known)}")

@@ -18,9 +18,16 @@ from refimpl.registry import (
     Example,
     Invariant,
     Paper,
+    Variant,
     draw_case,
     random_input,
     randomize_,
+)
+from refimpl.testing.properties import (
+    commutes_with_channel_permutations,
+    commutes_with_position_permutations,
+    gate_factorises,
+    scales_input,
 )
 
 CHANNEL_POOLINGS = (("avg", "max"), ("avg",), ("max",), ("max", "avg"))
@@ -202,6 +209,110 @@ def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
     return found
 
 
+# ---------------------------------------------------------------------------------------
+# Properties and catalogue (refimpl.testing)
+
+_GATE = "gate in (0, 1): |out| <= |x|, same sign"
+
+CHANNEL_PROPERTIES = (
+    scales_input(0.0, 1.0, _GATE),
+    gate_factorises("channel", "out / x is one factor per channel (M_c)"),
+    commutes_with_position_permutations(),
+)
+SPATIAL_PROPERTIES = (
+    scales_input(0.0, 1.0, _GATE),
+    gate_factorises("position", "out / x is one factor per position (M_s)"),
+    commutes_with_channel_permutations(),
+)
+PROPERTIES = (
+    scales_input(0.0, 1.0, "both gates in (0, 1): |out| <= |x|, same sign"),
+    gate_factorises("both", "out / x = M_c * M_s, a channel factor times a position factor"),
+)
+
+_OFFICIAL = "the official CBAM code (github.com/Jongchan/attention-module)"
+_MLP_BIAS = Variant(
+    "mlp_bias", "the shared MLP with biases", f"{_OFFICIAL}; most zoo versions", {"bias": True}
+)
+_AVG_ONLY = Variant(
+    "channel_avg_only",
+    "channel gate from average pooling only",
+    "the paper's Table 1 ablation",
+    {"pooling": ("avg",)},
+)
+_MAX_ONLY = Variant(
+    "channel_max_only",
+    "channel gate from max pooling only",
+    "the paper's Table 1 ablation",
+    {"pooling": ("max",)},
+)
+CHANNEL_VARIANTS = (_MLP_BIAS, _AVG_ONLY, _MAX_ONLY)
+SPATIAL_VARIANTS = (
+    Variant(
+        "official",
+        "pooled maps stacked [max, mean], batch norm after the bias-free convolution",
+        _OFFICIAL,
+        {"variant": "official"},
+    ),
+    Variant(
+        "spatial_max_avg",
+        "spatial pooling stacked [max, avg] (the convolution's two inputs swapped)",
+        f"{_OFFICIAL} (ChannelPool)",
+        {"pooling": ("max", "avg")},
+    ),
+    Variant(
+        "spatial_bn",
+        "a batch norm after the spatial convolution",
+        "timm's CbamModule; the official code",
+        {"bn": True},
+    ),
+)
+VARIANTS = (
+    Variant(
+        "official",
+        "MLP biases, spatial pooling stacked [max, mean], batch norm after the spatial conv",
+        _OFFICIAL,
+        {"variant": "official"},
+    ),
+    Variant(
+        "spatial_max_avg",
+        "spatial pooling stacked [max, avg] (the convolution's two inputs swapped)",
+        f"{_OFFICIAL} (ChannelPool)",
+        {"spatial_pooling": ("max", "avg")},
+    ),
+    Variant(
+        "spatial_bn",
+        "a batch norm after the spatial convolution",
+        "timm's CbamModule; the official code",
+        {"spatial_bn": True},
+    ),
+    _MLP_BIAS,
+    _AVG_ONLY,
+    _MAX_ONLY,
+    Variant(
+        "spatial_then_channel",
+        "the spatial gate first, then the channel gate",
+        "the paper's Table 3 ablation",
+        {"arrangement": "spatial-channel"},
+    ),
+    Variant(
+        "parallel",
+        "both gates computed from the input, applied as a product",
+        "the paper's Table 3 ablation",
+        {"arrangement": "parallel"},
+    ),
+)
+
+
+def cbam_oracle_options(module: CBAM) -> dict:
+    """The NumPy options of a built :class:`CBAM` (both gates' poolings, as resolved)."""
+    return {
+        "pooling": module.channel.pooling,
+        "spatial_pooling": module.spatial.pooling,
+        "arrangement": module.arrangement,
+        "variant": module.variant,
+    }
+
+
 PAPER = Paper(
     slug="cbam",
     title="CBAM: Convolutional Block Attention Module",
@@ -213,6 +324,8 @@ PAPER = Paper(
     components=(
         Component(
             name="channel_attention",
+            properties=CHANNEL_PROPERTIES,
+            variants=CHANNEL_VARIANTS,
             paper="cbam",
             module=ChannelAttention,
             numpy_forward=channel_attention,
@@ -225,6 +338,8 @@ PAPER = Paper(
         ),
         Component(
             name="spatial_attention",
+            properties=SPATIAL_PROPERTIES,
+            variants=SPATIAL_VARIANTS,
             paper="cbam",
             module=SpatialAttention,
             numpy_forward=spatial_attention,
@@ -237,6 +352,9 @@ PAPER = Paper(
         ),
         Component(
             name="cbam",
+            properties=PROPERTIES,
+            variants=VARIANTS,
+            oracle_options=cbam_oracle_options,
             paper="cbam",
             module=CBAM,
             numpy_forward=cbam,

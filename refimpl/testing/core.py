@@ -215,7 +215,12 @@ def _weights(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _shape_of(v: Any) -> tuple[int, ...]:
-    return tuple(np.shape(v.detach().cpu() if isinstance(v, torch.Tensor) else v))
+    """The shape for matching: a 1x1 convolution's (out, in, 1, 1) weight counts as the
+    (out, in) weight of the linear layer it equals (trailing 1s dropped past two axes)."""
+    shape = tuple(np.shape(v.detach().cpu() if isinstance(v, torch.Tensor) else v))
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _match_by_shapes(
@@ -317,7 +322,7 @@ def map_params(
                 f"{uk!r} has shape {_shape_of(value)}; refimpl's {rk!r} needs "
                 f"{_shape_of(ref_sd[rk])}"
             )
-        params[rk] = _to_numpy(value)
+        params[rk] = _to_numpy(value).reshape(tuple(ref_sd[rk].shape))
     for k, v in ref_sd.items():
         if k.endswith("num_batches_tracked"):
             params[k] = v.cpu().numpy()
@@ -339,40 +344,71 @@ def _to_numpy(v: Any) -> np.ndarray:
 WIDTH_OPTIONS = ("hidden_channels", "m", "n")
 
 
+def _fits(comp, channels, opts, user_sd, key_map) -> bool:
+    try:
+        map_params(user_sd, _reference(comp, channels, opts), key_map=key_map)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
 def fit_widths(
     comp: Component,
     channels: int,
     options: dict[str, Any],
     user_sd: Mapping[str, Any],
     key_map: KeyMap | None,
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[dict[str, Any], list[str]] | None:
     """``options`` completed with the widths (hidden width, A^2's m and n) that the
-    user's weights have, where refimpl's defaults would not fit them. Returns the options
-    and notes; unchanged options if the defaults fit or nothing fits (the mapping then
-    reports why)."""
-
-    def fits(opts: dict[str, Any]) -> bool:
-        try:
-            map_params(user_sd, _reference(comp, channels, opts), key_map=key_map)
-        except (KeyError, ValueError, TypeError):
-            return False
-        return True
-
-    if fits(options):
+    user's weights have, where refimpl's defaults would not fit them; with a note. None if
+    no widths make the weights fit."""
+    if _fits(comp, channels, options, user_sd, key_map):
         return options, []
     accepted = inspect.signature(comp.module).parameters
     free = [k for k in WIDTH_OPTIONS if k in accepted and k not in options]
-    if not free:
-        return options, []
     dims = sorted({d for v in _weights(user_sd).values() for d in _shape_of(v)})
     candidates: list[dict[str, Any]] = [{}]
     for k in free:
         candidates = [{**c, k: d} for c in candidates for d in dims]
-    for c in candidates:
-        if fits({**options, **c}):
+    for c in candidates if free else []:
+        if _fits(comp, channels, {**options, **c}, user_sd, key_map):
             said = ", ".join(f"{k}={v}" for k, v in c.items())
             return {**options, **c}, [f"widths read from the weights: {said}"]
-    return options, []
+    return None
+
+
+def fit_form(
+    comp: Component,
+    channels: int,
+    options: dict[str, Any],
+    user_sd: Mapping[str, Any],
+    key_map: KeyMap | None,
+) -> tuple[dict[str, Any], list[str], Variant | None]:
+    """The form whose weights the user's state dict has: the requested ``options`` (widths
+    read from the weights where needed), else the first catalogue variant whose key set
+    and shapes it has. Returns (options, notes, the variant or None); the requested
+    options unchanged if nothing fits (mapping them then raises a clear error)."""
+    fitted = fit_widths(comp, channels, options, user_sd, key_map)
+    if fitted is not None:
+        opts, notes = fitted
+        for v in comp.variants:  # a width rule of the catalogue (timm's rounding)
+            v_opts = {**options, **v.options_for(channels)}
+            if v.numpy_forward is None and v_opts != options and v_opts == opts:
+                notes = [*notes, f"the widths are those of variant {v.name!r}"]
+                return opts, notes, v
+        return opts, notes, None
+    for v in comp.variants:
+        if v.numpy_forward is not None:
+            continue
+        try:
+            fitted = fit_widths(
+                comp, channels, {**options, **v.options_for(channels)}, user_sd, key_map
+            )
+        except (TypeError, ValueError):
+            continue
+        if fitted is not None:
+            return fitted[0], fitted[1], v
+    return options, [], None
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,7 +510,7 @@ def compare(
         user_sd, needed = _convert(comp, converter, user_sd)
         options = {**needed, **options}
     channels = channels or infer_channels(module)
-    options, fit_notes = fit_widths(comp, channels, options, user_sd, key_map)
+    options, fit_notes, form = fit_form(comp, channels, options, user_sd, key_map)
     ref = _reference(comp, channels, options)
     params, notes = map_params(user_sd, ref, key_map=key_map)
     notes = fit_notes + notes
@@ -483,6 +519,19 @@ def compare(
     report = Report(f"{type(module).__name__} against refimpl's {comp.name} oracle ({dtype_name})")
     for note in notes:
         report.add("weights", "note", note)
+    if form is not None:
+        report.matches.append(form.name)
+        said = f"{form.name}: {form.description} ({form.where})"
+        changed = {k: v for k, v in form.options_for(channels).items()}
+        if any(k not in WIDTH_OPTIONS for k in changed):  # another function, not a width
+            report.add(
+                "form",
+                "failed",
+                f"the weights are those of variant {said}, not of the requested form; the "
+                f"rows below compare against that variant (to check it, pass options={changed})",
+            )
+        else:
+            report.add("form", "note", f"widths of variant {said}")
     oracle = _Oracle(comp, ref, params, None)
     rng = np.random.default_rng(seed)
     output_failed = False
