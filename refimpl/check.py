@@ -4,19 +4,29 @@ For each component, each device and each of ``examples`` seeded random instances
 seed also draws the component's options and input shape), the PyTorch module in float64
 and in float32, in eval and in train mode, is compared with the NumPy float64 forward
 given the module's own ``state_dict()``; then the paper's invariants are checked on the
-eval-mode float64 output. One table, the worst case of each row; exit status 1 if any
-row fails.
+eval-mode float64 output. One table, the worst case of each row (see :data:`LEGEND`); exit
+status 1 if any row fails.
 """
 
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from refimpl.registry import Component, Example, components, get, state_dict_numpy
+
+#: What the columns of the table mean, printed under it.
+LEGEND = """\
+Columns: "max abs diff" is the largest |torch - numpy| over all elements of all examples;
+"worst / tolerance" is the largest |torch - numpy| / (atol + rtol |numpy|), with the row's
+atol and rtol (in "detail"): at most 1 passes, so 0.02 means the worst element used 2% of
+what the tolerance allows. NumPy computes in float64 and is the reference. An invariant row
+states a property of the paper, checked on the float64 eval-mode output of every example."""
 
 
 @dataclass
@@ -59,15 +69,31 @@ def run_checks(
     devices: list[str] | None = None,
     seed: int = 0,
     examples: int = 8,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """All checks for the chosen components (default: all) and devices (default: all)."""
+    """All checks for the chosen components (default: all) and devices (default: all).
+
+    Args:
+        names: component names or aliases, in any case; ``None`` for all.
+        devices: torch devices; ``None`` for :func:`available_devices`. Each must be
+            available (see :func:`require_device`).
+        seed: the first example's seed; example ``i`` uses ``seed + i``.
+        examples: random examples per component.
+        progress: called with one line per component as soon as its rows are done.
+
+    Raises:
+        KeyError: an unknown component name.
+        ValueError: a device that is not available here.
+    """
     comps = [get(n) for n in names] if names else list(components().values())
-    devices = devices or available_devices()
+    comps = list({c.name: c for c in comps}.values())  # "se" and "SE" run once
+    devices = [require_device(d) for d in devices] if devices else available_devices()
     # True float32 on CUDA: cuDNN would otherwise run float32 convolutions in TF32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[Row] = []
     for comp in comps:
+        start, first = time.perf_counter(), len(rows)
         exs = [comp.make_example(seed + i) for i in range(examples)]
         for device in devices:
             for dtype in (torch.float64, torch.float32):
@@ -93,12 +119,49 @@ def run_checks(
                 if not inv.ok or not row.detail:
                     row.detail = inv.detail
         rows.extend(by_name.values())
+        if progress is not None:
+            done = rows[first:]
+            failed = sum(not r.ok for r in done)
+            worst = max((r.worst for r in done if not r.check.startswith("invariant")), default=0)
+            progress(
+                f"{comp.name}: {len(done) - failed} of {len(done)} checks passed, worst "
+                f"{worst:.3f} of tolerance ({time.perf_counter() - start:.1f} s)"
+            )
     return rows
 
 
 def available_devices() -> list[str]:
     """The CPU and every CUDA device torch can see."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def require_device(name: str) -> str:
+    """``name`` if torch can run on that device here; otherwise a ValueError saying why.
+
+    Raises:
+        ValueError: not a torch device string (``"gpu"``), or a device this machine or this
+            build of torch does not have (``"cuda"`` on a CPU-only build, ``"cuda:3"`` with
+            one GPU, ``"mps"`` off a Mac).
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            why = f"this torch ({torch.__version__}) is built without CUDA"
+        elif not torch.cuda.is_available():
+            why = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        elif device.index is not None and device.index >= torch.cuda.device_count():
+            why = f"only {torch.cuda.device_count()} CUDA device(s) are visible"
+        else:
+            return name
+        raise ValueError(f"device {name!r} is not available: {why}")
+    try:
+        torch.empty(0, device=device)
+    except Exception as err:  # torch raises RuntimeError, AssertionError, ... per backend
+        raise ValueError(f"device {name!r} is not available: {err}") from None
+    return name
 
 
 def format_table(rows: list[Row]) -> str:

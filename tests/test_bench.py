@@ -11,9 +11,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refimpl.bench import COLUMNS, count_ops, main, peers_for, saved_bytes
-from refimpl.bench.core import FLOOR, Ratio, parse_shape
+from refimpl.bench import core as bench_core
+from refimpl.bench.core import FLOOR, MIN_ROUNDS_FOR_VERDICT, Ratio, parse_shape, verdict
 from refimpl.registry import randomize_
 from refimpl.squeeze_excitation.torch_module import SqueezeExcitation
 
@@ -64,6 +67,12 @@ def test_quick_run_prints_and_writes_a_full_table(tmp_path, capsys) -> None:
     assert 1.0 <= _number(ours["saved w/o params / input"]) <= 1.1
     assert _number(ours["saved / input"]) >= _number(ours["saved w/o params / input"])
     assert "## Checks" in printed and "squeeze_excitation 2x32x5x6 cpu:" in printed
+    # Two rounds cannot support a verdict on time: every timed one reads "noisy".
+    checks = printed.split("## Checks")[1]
+    for clause in checks.split(";"):
+        if "x clone" in clause or "peer/ours" in clause:
+            assert " met" not in clause and " missed" not in clause, clause
+    assert "noisy (only 2 rounds" in checks
 
 
 @pytest.mark.parametrize(
@@ -73,11 +82,71 @@ def test_quick_run_prints_and_writes_a_full_table(tmp_path, capsys) -> None:
         ["--shapes", "8x256"],
         ["--quick", "--repeats", "-1"],
         ["--quick", "--threads", "0"],
+        ["--quick", "--device", "cuda:99"],
+        ["--quick", "--device", "gpu"],
     ],
 )
 def test_bad_arguments_exit_with_2(argv, capsys) -> None:
     assert main(argv) == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_component_whose_output_is_smaller_than_its_input(capsys) -> None:
+    """Regression: global_context returns (N, C, 1, 1); its backward once got a gradient
+    of the input's shape, the row failed and the run still exited 0."""
+    argv = ["--quick", "--only", "global_context", "--repeats", "1", "--sample-ms", "0.1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    header, *rows = _table(out)
+    assert [row[1] for row in rows] == ["refimpl", FLOOR]
+    assert "## Failures" not in out and "not benchmarked" not in out
+
+
+def test_a_failed_row_exits_1(monkeypatch, capsys) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("Mismatch in shape: grad_output[0] [2, 32, 8, 8] vs output[0]")
+
+    monkeypatch.setattr(bench_core, "bench_component", broken)
+    assert main(["--quick", "--only", "se", "--repeats", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "## Failures" in captured.out and "Mismatch in shape" in captured.out
+    assert "FAILED: squeeze_excitation 2x32x8x8 cpu: not benchmarked" in captured.err
+
+
+def _ratio(low: float, median: float, high: float, rounds: int = 100) -> Ratio:
+    return Ratio(median, low, high, rounds)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "expected"),
+    [
+        (_ratio(1.1, 1.2, 1.3), "met"),  # the whole quartile range above 1
+        (_ratio(0.7, 0.8, 0.9), "missed"),  # the whole range below
+        (_ratio(0.95, 1.05, 1.1), "noisy"),  # the median above, the range straddles 1
+        (_ratio(0.9, 0.97, 1.05), "noisy"),
+        (_ratio(1.1, 1.2, 1.3, rounds=3), "noisy"),  # a --quick run: too few rounds
+    ],
+)
+def test_verdict_no_slower_than(ratio, expected) -> None:
+    assert verdict(ratio, 1.0, at_most=False).split()[0] == expected
+
+
+@given(
+    st.lists(st.floats(0.2, 5.0), min_size=1, max_size=40),
+    st.floats(0.5, 2.0),
+    st.booleans(),
+)
+def test_verdict_met_only_when_every_middle_round_keeps_the_limit(ratios, limit, at_most):
+    ratio = Ratio.of(ratios, [1.0] * len(ratios))
+    said = verdict(ratio, limit, at_most=at_most)
+    assert said == "met" or said == "missed" or said.startswith("noisy (")
+    if said == "met":
+        assert ratio.rounds >= MIN_ROUNDS_FOR_VERDICT
+        inside = ratio.high <= limit if at_most else ratio.low >= limit
+        assert inside
+    if said == "missed":
+        assert (ratio.low > limit) if at_most else (ratio.high < limit)
 
 
 def test_parse_shape() -> None:
@@ -140,7 +209,8 @@ def test_count_ops_of_a_single_op() -> None:
 
 def test_ratio_is_the_median_of_per_round_ratios() -> None:
     ratio = Ratio.of([2.0, 9.0, 3.0], [1.0, 3.0, 1.0])
-    assert (ratio.median, ratio.low, ratio.high) == (3.0, 2.5, 3.0)
+    assert (ratio.median, ratio.low, ratio.high, ratio.rounds) == (3.0, 2.5, 3.0, 3)
+    assert ratio.spread() == "quartiles 2.50-3.00 of 3 rounds"
 
 
 @pytest.mark.parametrize("peer", peers_for("squeeze_excitation"), ids=lambda p: p.name)

@@ -13,10 +13,12 @@ from refimpl.bench.core import (
     DEFAULT_SHAPES,
     Report,
     Row,
+    add_arguments,
     count_ops,
     format_markdown,
     main,
     run,
+    run_command,
     saved_bytes,
 )
 from refimpl.bench.peers import PEERS, TARGETS, Peer, PopularSE, Targets, peers_for, targets_for
@@ -31,11 +33,13 @@ __all__ = [
     "Targets",
     "Report",
     "Row",
+    "add_arguments",
     "count_ops",
     "format_markdown",
     "main",
     "peers_for",
     "run",
+    "run_command",
     "saved_bytes",
     "targets_for",
 ]

@@ -12,7 +12,8 @@ For each component, input shape and device the benchmark builds a set of *candid
 
 Two modes are timed: *forward* (``eval()``, ``torch.no_grad()``) and *forward+backward*
 (``train()``, input with ``requires_grad``, ``out.backward(grad)`` with one fixed
-``grad``; every gradient is set to ``None`` before each step, so each step allocates its
+``grad`` of the output's shape, e.g. (N, C, 1, 1) for a global context branch; every
+gradient is set to ``None`` before each step, so each step allocates its
 gradients as a training step does). The floor of forward+backward is ``x.clone()``
 forward and backward: the incoming gradient is copied into ``x.grad``, one more read and
 write.
@@ -23,6 +24,11 @@ fill about ``sample_ms``). The reported time is the median over rounds of the pe
 time; a ratio is the median over rounds of the per-round ratio, so a load spike that
 slows one round slows both sides of its ratios. Garbage collection is off while timing;
 torch uses its default number of threads.
+
+Verdicts: a target is ``met`` only when the whole interquartile range of the per-round
+ratios is on the right side of it and there are at least :data:`MIN_ROUNDS_FOR_VERDICT`
+rounds; ``missed`` when the whole range is on the wrong side; otherwise ``noisy``, with
+the quartiles, so a short or disturbed run never reads as a result.
 
 Memory: :func:`saved_bytes` runs one training forward under
 :func:`torch.autograd.graph.saved_tensors_hooks` and adds up the bytes of the distinct
@@ -61,16 +67,19 @@ from refimpl.registry import Component, components, get
 
 Shape = tuple[int, ...]
 
-#: The input shapes of the issue: a mid ResNet stage, an early wide-spatial one, a late one.
+#: Three ResNet-50 stages: a middle one, an early wide-spatial one, a late one.
 DEFAULT_SHAPES: tuple[Shape, ...] = ((8, 256, 28, 28), (32, 64, 56, 56), (2, 512, 7, 7))
 #: One tiny shape for smoke tests (``--quick``).
 QUICK_SHAPES: tuple[Shape, ...] = ((2, 32, 8, 8),)
-#: The dtype the issue asks for; the only one the benchmark uses.
+#: The only dtype the benchmark uses.
 DTYPE = torch.float32
 DEFAULT_REPEATS = 100
 QUICK_REPEATS = 3
 DEFAULT_SAMPLE_MS = 2.0
 QUICK_SAMPLE_MS = 1.0
+#: Fewer rounds than this give no verdict ("noisy"): quartiles of a handful of rounds say
+#: little about the spread.
+MIN_ROUNDS_FOR_VERDICT = 10
 
 FLOOR = "x.clone() floor"
 
@@ -266,20 +275,25 @@ def interleaved_times(
 
 @dataclass(frozen=True)
 class Ratio:
-    """The median and quartiles of per-round ratios a / b."""
+    """The median and quartiles of ``rounds`` per-round ratios a / b."""
 
     median: float
     low: float
     high: float
+    rounds: int = 1
 
     @staticmethod
     def of(a: Sequence[float], b: Sequence[float]) -> Ratio:
         """Ratio of two equally long series of per-round times."""
         per_round = sorted(x / y for x, y in zip(a, b, strict=True))
         if len(per_round) < 2:
-            return Ratio(per_round[0], per_round[0], per_round[0])
+            return Ratio(per_round[0], per_round[0], per_round[0], len(per_round))
         q1, _, q3 = statistics.quantiles(per_round, n=4, method="inclusive")
-        return Ratio(statistics.median(per_round), q1, q3)
+        return Ratio(statistics.median(per_round), q1, q3, len(per_round))
+
+    def spread(self) -> str:
+        """``"quartiles 0.91-1.12 of 100 rounds"``."""
+        return f"quartiles {self.low:.2f}-{self.high:.2f} of {self.rounds} rounds"
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,6 +372,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
 
 def format_shape(shape: Shape) -> str:
@@ -464,6 +479,7 @@ def _build_peer(
 def _train_step(
     candidate: Candidate, inputs: Sequence[torch.Tensor], grad: torch.Tensor
 ) -> Callable[[], None]:
+    """One training step of the candidate: gradients cleared, forward, backward with grad."""
     params = [] if candidate.module is None else list(candidate.module.parameters())
     leaves = [*inputs, *params]
     fn = candidate.fn
@@ -505,7 +521,16 @@ def bench_component(
         torch.randn(shape, generator=gen, dtype=DTYPE).to(device) for _ in range(comp.n_inputs)
     ]
     candidates = _build_candidates(comp, inputs, device, notes)
-    grad = torch.randn(shape, generator=gen, dtype=DTYPE).to(device)
+    # One fixed gradient per output shape: a candidate's output need not have the input's
+    # shape (a global context branch returns (N, C, 1, 1)), the floor's always has.
+    grads: dict[torch.Size, torch.Tensor] = {}
+    grad_of: dict[str, torch.Tensor] = {}
+    for c in candidates:
+        with torch.no_grad():
+            out_shape = c.fn(*inputs).shape
+        if out_shape not in grads:
+            grads[out_shape] = torch.randn(out_shape, generator=gen, dtype=DTYPE).to(device)
+        grad_of[c.label] = grads[out_shape]
 
     for c in candidates:
         if c.module is not None:
@@ -518,7 +543,7 @@ def bench_component(
         if c.module is not None:
             c.module.train()
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    tasks = {c.label: _train_step(c, leaves, grad) for c in candidates}
+    tasks = {c.label: _train_step(c, leaves, grad_of[c.label]) for c in candidates}
     train = interleaved_times(tasks, device, repeats, sample_s, seed + 1)
 
     input_bytes = sum(x.numel() * x.element_size() for x in inputs)
@@ -531,7 +556,7 @@ def bench_component(
         saved_activations = saved_bytes(
             c.fn, *[x.detach().clone().requires_grad_() for x in inputs], exclude=params
         )
-        ops = count_ops(c.fn, inputs, grad, c.module)
+        ops = count_ops(c.fn, inputs, grad_of[c.label], c.module)
         ref = c.reference
         rows.append(
             Row(
@@ -559,17 +584,23 @@ def bench_component(
 # Checks against the targets and the report
 
 
-def _verdict(peer_over_ours: Ratio) -> str:
-    """Whether ours is no slower than a peer, from the per-round ratios peer / ours.
+def verdict(ratio: Ratio, limit: float, at_most: bool) -> str:
+    """Whether the per-round ratios keep to ``limit``: ``met``, ``missed`` or ``noisy``.
 
-    ``met`` when the median is at least 1; ``tie within noise`` when the median is below 1
-    but the upper quartile reaches 1; ``missed`` when even the upper quartile is below 1.
+    ``met`` when the whole interquartile range keeps to the limit (``ratio <= limit`` if
+    ``at_most``, else ``ratio >= limit``); ``missed`` when the whole range breaks it;
+    ``noisy`` when the range straddles the limit, or when there are fewer than
+    :data:`MIN_ROUNDS_FOR_VERDICT` rounds: the run cannot tell.
     """
-    if peer_over_ours.median >= 1.0:
+    if ratio.rounds < MIN_ROUNDS_FOR_VERDICT:
+        return f"noisy (only {ratio.rounds} rounds; a verdict needs {MIN_ROUNDS_FOR_VERDICT})"
+    good, bad = (ratio.high, ratio.low) if at_most else (ratio.low, ratio.high)
+    keeps = (lambda v: v <= limit) if at_most else (lambda v: v >= limit)
+    if keeps(good):
         return "met"
-    if peer_over_ours.high >= 1.0:
-        return "tie within noise (median below 1, upper quartile above)"
-    return "missed"
+    if not keeps(bad):
+        return "missed"
+    return "noisy (the quartiles straddle the target)"
 
 
 def checks(rows: Sequence[Row]) -> list[str]:
@@ -588,12 +619,14 @@ def checks(rows: Sequence[Row]) -> list[str]:
     for (component, shape, device), group in groups.items():
         target = targets_for(component)
         ours = next(r for r in group if r.kind == "ours" and r.reference is None)
-        forward = ours.forward_vs_floor.median
-        parts = [f"forward {forward:.2f}x clone"]
+        forward = ours.forward_vs_floor
+        parts = [f"forward {forward.median:.2f}x clone [{forward.spread()}]"]
         if shape in target.forward_vs_clone:
             limit = target.forward_vs_clone[shape]
-            parts[0] += f" (<= {limit:g}) {'met' if forward <= limit else 'missed'}"
-        parts.append(f"fwd+bwd {ours.train_vs_floor.median:.2f}x clone")
+            parts[0] += f" (<= {limit:g}) {verdict(forward, limit, at_most=True)}"
+        parts.append(
+            f"fwd+bwd {ours.train_vs_floor.median:.2f}x clone [{ours.train_vs_floor.spread()}]"
+        )
         peers = [r for r in group if r.kind == "peer"]
         for mode, time_of, ratio_of in (
             ("forward", lambda r: r.forward_ms, lambda r: r.forward_vs_ours),
@@ -603,10 +636,14 @@ def checks(rows: Sequence[Row]) -> list[str]:
                 continue
             fastest = min(peers, key=time_of)
             ratio = ratio_of(fastest)
-            verdict = f" {_verdict(ratio)}" if target.no_slower_than_peers else ""
+            said = (
+                f" (>= 1) {verdict(ratio, 1.0, at_most=False)}"
+                if target.no_slower_than_peers
+                else ""
+            )
             parts.append(
                 f"{mode} vs fastest peer ({fastest.candidate}): peer/ours {ratio.median:.2f} "
-                f"[quartiles {ratio.low:.2f}-{ratio.high:.2f}]{verdict}"
+                f"[{ratio.spread()}]{said}"
             )
         for what, value in (
             ("saved", ours.saved_ratio),
@@ -614,9 +651,9 @@ def checks(rows: Sequence[Row]) -> list[str]:
         ):
             if target.max_saved is None:
                 parts.append(f"{what} {value:.3f}x input")
-            else:
-                verdict = "met" if value <= target.max_saved else "missed"
-                parts.append(f"{what} {value:.3f}x input (<= {target.max_saved:g}) {verdict}")
+            else:  # bytes are counted, not timed: no noise
+                met = "met" if value <= target.max_saved else "missed"
+                parts.append(f"{what} {value:.3f}x input (<= {target.max_saved:g}) {met}")
         lines.append(f"{component} {format_shape(shape)} {device}: " + "; ".join(parts))
     return lines
 
@@ -700,6 +737,9 @@ def format_markdown(report: Report) -> str:
         "whether saved or not). `ops`: ATen operations of one forward (no grad) and one "
         "backward, `detach` excluded.",
     ]
+    if report.failures:
+        lines += ["", "## Failures", ""]
+        lines += [f"- {line}" for line in report.failures]
     if report.checks:
         lines += ["", "## Checks", ""]
         lines += [f"- {line}" for line in report.checks]
@@ -713,26 +753,29 @@ def format_markdown(report: Report) -> str:
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m refimpl bench",
-        description=(
-            "Time forward (eval, no grad) and forward+backward (train) of every registered "
-            "module against x.clone() and its peers, interleaved and repeated; report "
-            "medians, ratios and bytes saved for backward as a markdown table."
-        ),
-    )
+DESCRIPTION = (
+    "Time forward (eval, no grad) and forward+backward (train) of every registered module "
+    "against x.clone() and other implementations, interleaved and repeated; report medians, "
+    "ratios with their quartiles, and bytes saved for backward as a markdown table. Exit "
+    "status 1 if a component could not be benchmarked, 2 for a bad argument."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, on ``parser`` (its own, or ``refimpl bench``'s subparser)."""
     parser.add_argument(
         "--only",
         action="append",
         metavar="NAME",
-        help="benchmark only this component (name or alias); repeatable",
+        help="benchmark only this component (name or alias, any case); repeatable",
     )
     parser.add_argument(
         "--shapes",
         nargs="+",
         metavar="NxCxHxW",
-        help="input shapes, e.g. 8x256x28x28 2x512x7x7 (default: the issue's three)",
+        help="input shapes, e.g. 8x256x28x28 2x512x7x7 (default: "
+        + " ".join(format_shape(s) for s in DEFAULT_SHAPES)
+        + ")",
     )
     parser.add_argument(
         "--device",
@@ -752,7 +795,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke test: shape {format_shape(QUICK_SHAPES[0])}, {QUICK_REPEATS} rounds",
+        help=f"smoke test: shape {format_shape(QUICK_SHAPES[0])}, {QUICK_REPEATS} rounds "
+        "(too few for verdicts: they read noisy)",
     )
     parser.add_argument(
         "--threads",
@@ -762,6 +806,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds inputs and round orders")
     parser.add_argument("--output", metavar="FILE", help="also write the markdown to FILE")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refimpl bench", description=DESCRIPTION)
+    add_arguments(parser)
     return parser
 
 
@@ -808,9 +857,10 @@ def run(
                         report.notes,
                     )
                 except (TypeError, ValueError, RuntimeError) as err:
-                    report.notes.append(
+                    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                    report.failures.append(
                         f"{comp.name} {format_shape(shape)} {device}: not benchmarked, "
-                        f"building or running it failed: {type(err).__name__}: {err}"
+                        f"building or running it failed: {type(err).__name__}: {first_line}"
                     )
                     continue
                 report.rows += rows
@@ -831,29 +881,41 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m refimpl bench``: run the benchmark, print the markdown, maybe save it.
 
     Returns:
-        0 on success, 2 for a bad argument (unknown component, shape or device).
+        0 on success, 1 if a component could not be benchmarked, 2 for a bad argument
+        (unknown component, shape or device).
     """
     parser = _parser()
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv), prog=parser.prog, argv=argv)
+
+
+def run_command(
+    args: argparse.Namespace, prog: str = "python -m refimpl bench", argv: list[str] | None = None
+) -> int:
+    """Run the benchmark for parsed options (see :func:`add_arguments`); the exit status.
+
+    Args:
+        args: the parsed options.
+        prog: the command's name, for error messages.
+        argv: the arguments as given, recorded in the report (default: ``sys.argv``).
+    """
+    from refimpl.check import require_device
+
     shapes: Sequence[Shape] = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     try:
         if args.shapes:
             shapes = [parse_shape(s) for text in args.shapes for s in text.split(",") if s]
-        if args.only:
-            for name in args.only:
-                get(name)
+        for name in args.only or []:
+            get(name)
         for device in args.device or []:
-            torch.empty(0, device=device)
-    except (ValueError, KeyError, RuntimeError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            require_device(device)
+    except (ValueError, KeyError) as err:
+        print(f"{prog}: error: {err.args[0]}", file=sys.stderr)
         return 2
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     sample_ms = args.sample_ms or (QUICK_SAMPLE_MS if args.quick else DEFAULT_SAMPLE_MS)
     if repeats < 1 or sample_ms <= 0 or (args.threads is not None and args.threads < 1):
-        print(
-            f"{parser.prog}: error: --repeats, --sample-ms and --threads must be positive",
-            file=sys.stderr,
-        )
+        message = "--repeats, --sample-ms and --threads must be positive"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     if args.threads is not None:
@@ -880,4 +942,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     if args.output:
         Path(args.output).write_text(text)
-    return 0
+    for failure in report.failures:
+        print(f"{prog}: FAILED: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
