@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 
-from refimpl.bam.numpy_forward import bam
+from refimpl.bam.numpy_forward import attention_map, bam, channel_gate, spatial_gate
 from refimpl.bam.torch_module import BAM, COMBINES, NORMS
 from refimpl.registry import (
     Component,
     Example,
     Invariant,
     Paper,
+    Variant,
     draw_case,
     random_input,
     randomize_,
 )
+from refimpl.testing.properties import scales_input
 
 #: The constructor options and the values tests and examples draw from. C from 1 upward
 #: with r up to 16, so C < r (hidden width 1) comes up often; dilations up to 5 exceed most
@@ -76,6 +81,77 @@ def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
     return found
 
 
+# ---------------------------------------------------------------------------------------
+# Properties and catalogue (refimpl.testing)
+
+PROPERTIES = (
+    scales_input(1.0, 2.0, "out = x (1 + M) with M in (0, 1): |x| <= |out| <= 2|x|, same sign"),
+)
+
+_OFFICIAL = "the official BAM code (github.com/Jongchan/attention-module)"
+
+
+def official_pooling_bam(
+    x: np.ndarray,
+    params: Mapping[str, Any],
+    *,
+    dilation: int = 4,
+    norm: str = "hidden",
+    combine: str = "product",
+    training: bool = False,
+) -> np.ndarray:
+    """BAM as the official code runs it: the channel branch pools with
+    ``avg_pool2d(x, H, stride=H)``, which for H <= W < 2H averages only the left H x H
+    block, and fails for every other shape (here: ValueError, "not defined")."""
+    F = np.asarray(x)
+    H, W = F.shape[2], F.shape[3]
+    if not H <= W < 2 * H:
+        raise ValueError(f"the official pooling is not defined at H={H}, W={W}")
+    channel = {
+        k.removeprefix("channel_gate."): v
+        for k, v in params.items()
+        if k.startswith("channel_gate.")
+    }
+    spatial = {
+        k.removeprefix("spatial_gate."): v
+        for k, v in params.items()
+        if k.startswith("spatial_gate.")
+    }
+    M_c = channel_gate(F[:, :, :, :H], channel, norm=norm, training=training)  # left block
+    M_s = spatial_gate(F, spatial, dilation=dilation, norm=norm, training=training)
+    return F + F * attention_map(M_c, M_s, combine)
+
+
+VARIANTS = (
+    Variant(
+        "product",
+        "branches combined by a product, sigmoid(M_c * M_s), not the paper's sum",
+        _OFFICIAL,
+        {"combine": "product"},
+    ),
+    Variant(
+        "bn_hidden",
+        "batch norm after each hidden layer, none at the end of a branch",
+        _OFFICIAL,
+        {"norm": "hidden"},
+    ),
+    Variant(
+        "official",
+        "product combination and batch norm on the hidden layers (square inputs)",
+        _OFFICIAL,
+        {"combine": "product", "norm": "hidden"},
+    ),
+    Variant(
+        "official_square_pooling",
+        "the official form whose channel pooling avg_pool2d(x, H) averages only the left "
+        "H x H block when H < W < 2H (and fails on other non-square inputs)",
+        _OFFICIAL,
+        {"combine": "product", "norm": "hidden"},
+        numpy_forward=official_pooling_bam,
+    ),
+)
+
+
 PAPER = Paper(
     slug="bam",
     title="BAM: Bottleneck Attention Module",
@@ -87,6 +163,8 @@ PAPER = Paper(
     components=(
         Component(
             name="bam",
+            properties=PROPERTIES,
+            variants=VARIANTS,
             paper="bam",
             module=BAM,
             numpy_forward=bam,

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from refimpl.double_attention.numpy_forward import double_attention
+from refimpl import numpy_functional as nf
+from refimpl.double_attention.numpy_forward import conv1x1, double_attention
 from refimpl.double_attention.torch_module import DoubleAttention
 from refimpl.registry import (
     Component,
     Example,
     Invariant,
     Paper,
+    Variant,
     draw_case,
     random_input,
     randomize_,
 )
+from refimpl.testing.properties import commutes_with_position_permutations
 
 #: The constructor options and the values tests and examples draw from: widths m and n
 #: by reduction (None) or given directly (m != n and m, n > c included); the output
@@ -111,6 +116,86 @@ def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
     return found
 
 
+# ---------------------------------------------------------------------------------------
+# Properties and catalogue (refimpl.testing)
+
+PROPERTIES = (
+    commutes_with_position_permutations(
+        "commutes with position permutations (global gathering, point-wise distribution)"
+    ),
+)
+
+_AXES = {"batch": 0, "descriptors": 1, "positions": 2}
+
+
+def variant_forward(
+    softmax_B_over: str = "positions", softmax_V_over: str = "descriptors", pooling: str = "sum"
+) -> Callable[..., np.ndarray]:
+    """A NumPy forward of the block with the popular code's deviations switched on: the
+    axis of each softmax (``"batch"``, ``"descriptors"``, ``"positions"``) and a mean
+    instead of a sum over positions in the gathering. The defaults are the paper's."""
+
+    def forward(
+        x: np.ndarray, params: Mapping[str, Any], *, residual: bool = True, training: bool = False
+    ) -> np.ndarray:
+        X = np.asarray(x)
+        N, c, H, W = X.shape
+        X_flat = X.reshape(N, c, H * W)  # (N, c, hw)
+        A = conv1x1(X_flat, params, "phi")  # (N, m, hw)
+        B = conv1x1(X_flat, params, "theta")  # (N, n, hw)
+        V = conv1x1(X_flat, params, "rho")  # (N, n, hw)
+        G = A @ nf.softmax(B, dim=_AXES[softmax_B_over]).transpose(0, 2, 1)  # (N, m, n)
+        if pooling == "mean":
+            G = G / (H * W)
+        Z = G @ nf.softmax(V, dim=_AXES[softmax_V_over])  # (N, m, hw)
+        out = conv1x1(Z, params, "expand") if "expand.weight" in params else Z
+        if residual:
+            out = X_flat + out
+        return out.reshape(N, out.shape[1], H, W)
+
+    return forward
+
+
+_ZOO = "External-Attention-pytorch's DoubleAttention (the most copied attention zoo)"
+VARIANTS = (
+    Variant(
+        "no_residual",
+        "no residual connection: returns the projected Z without adding X",
+        _ZOO,
+        {"residual": False},
+    ),
+    Variant(
+        "bare_operator",
+        "neither the reconstruction convolution nor the residual: returns Z (m channels)",
+        "blog and zoo versions without reconstruct",
+        {"output_conv": False, "residual": False},
+    ),
+    Variant(
+        "softmax_over_batch",
+        "both softmaxes without dim= on 3-D tensors, i.e. over the batch axis; no residual",
+        _ZOO,
+        {"residual": False},
+        numpy_forward=variant_forward("batch", "batch"),
+        batch_coupled=True,
+    ),
+    Variant(
+        "softmax_B_over_descriptors",
+        "the gathering softmax over the n descriptors instead of over positions; no residual",
+        f"a later revision of {_ZOO}",
+        {"residual": False},
+        numpy_forward=variant_forward("descriptors", "descriptors"),
+    ),
+    Variant(
+        "blog_mean_positions",
+        "gathering by a mean (not a sum) over positions, distribution softmax over positions "
+        "(not descriptors); no reconstruction, no residual",
+        "a widely read blog transcription (m = n = c)",
+        {"output_conv": False, "residual": False},
+        numpy_forward=variant_forward("positions", "positions", "mean"),
+    ),
+)
+
+
 PAPER = Paper(
     slug="double_attention",
     title="A^2-Nets: Double Attention Networks",
@@ -122,6 +207,8 @@ PAPER = Paper(
     components=(
         Component(
             name="double_attention",
+            properties=PROPERTIES,
+            variants=VARIANTS,
             paper="double_attention",
             module=DoubleAttention,
             numpy_forward=double_attention,

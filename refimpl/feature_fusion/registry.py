@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +17,20 @@ from refimpl.registry import (
     Example,
     Invariant,
     Paper,
+    SkipProperty,
+    Variant,
     draw_case,
     random_input,
     randomize_,
+)
+from refimpl.testing.properties import (
+    between_inputs,
+    close,
+    commutes_with_position_permutations,
+    output,
+    permute_positions,
+    property_,
+    scales_input,
 )
 
 #: Example modules with a global branch train a batch norm after global pooling, which
@@ -230,6 +243,116 @@ def _between(z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Invariant:
     return Invariant("Z between X and Y elementwise", ok, "")
 
 
+# ---------------------------------------------------------------------------------------
+# Properties and catalogue (refimpl.testing)
+
+
+def _factor(options: dict) -> float:
+    return 2.0 if options.get("factor_two") else 1.0
+
+
+def _fuses_equal_inputs(module, inputs, options) -> tuple[bool, str]:
+    x = inputs[0]
+    return close(output(module, (x, x)), _factor(options) * x)
+
+
+def _symmetric_sum(module, inputs, options) -> tuple[bool, str]:
+    x, y = inputs
+    total = output(module, (x, y)) + output(module, (y, x))
+    return close(total, _factor(options) * (x + y))
+
+
+def _ignores_positions(module, inputs, options) -> tuple[bool, str]:
+    x = inputs[0]
+    if x.shape[2] * x.shape[3] < 2:
+        raise SkipProperty("needs more than one position")
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
+    return close(output(module, (permute_positions(x, perm),)), output(module, (x,)))
+
+
+def _only_the_mean(module, inputs, options) -> tuple[bool, str]:
+    x = inputs[0]
+    flat = x.mean((2, 3), keepdim=True).expand_as(x).contiguous()
+    return close(output(module, (flat,)), output(module, (x,)))
+
+
+LOCAL_PROPERTIES = (
+    commutes_with_position_permutations("point-wise: commutes with position permutations"),
+)
+GLOBAL_PROPERTIES = (
+    property_("g(X) = g(spatial mean of X at every position)", _only_the_mean),
+    property_("unchanged by permuting positions", _ignores_positions),
+)
+MSCAM_PROPERTIES = (
+    scales_input(0.0, 1.0, "X' = X * M, M in (0, 1): |X'| <= |X|, same sign"),
+    commutes_with_position_permutations(),
+)
+AFF_PROPERTIES = (
+    property_("AFF(X, X) = X (2X with factor_two)", _fuses_equal_inputs),
+    between_inputs(),
+    property_("AFF(X, Y) + AFF(Y, X) = X + Y (M depends on X + Y only)", _symmetric_sum),
+    commutes_with_position_permutations(),
+)
+IAFF_PROPERTIES = (
+    property_("iAFF(X, X) = X", _fuses_equal_inputs),
+    between_inputs(),
+    commutes_with_position_permutations(),
+)
+
+_OPEN_AFF = "the official open-aff code"
+
+
+def _swapped(forward: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def swapped(X: np.ndarray, Y: np.ndarray, params: Mapping[str, Any], **options: Any):
+        return forward(Y, X, params, **options)
+
+    return swapped
+
+
+AFF_VARIANTS = (
+    Variant(
+        "factor_two",
+        "returns 2 (X M + Y (1 - M)), twice Eq. (4)",
+        f"the paper-era {_OPEN_AFF} (MXNet ASKCFuse, PyTorch AFF)",
+        {"factor_two": True},
+    ),
+    Variant(
+        "inputs_swapped",
+        "X and Y swapped: M weights the second input (the residual branch)",
+        f"networks built on {_OPEN_AFF}, which call fuse(residual, identity)",
+        numpy_forward=_swapped(aff),
+    ),
+    Variant(
+        "factor_two_inputs_swapped",
+        "twice Eq. (4) with X and Y swapped",
+        f"the official AFF-ResNet blocks of {_OPEN_AFF}",
+        {"factor_two": True},
+        numpy_forward=_swapped(aff),
+    ),
+)
+IAFF_VARIANTS = (
+    Variant(
+        "shared_global",
+        "the second MS-CAM reuses the first one's global branch (global_att2 never used)",
+        f"{_OPEN_AFF}'s PyTorch iAFF and its copies",
+        {"share_global": True},
+    ),
+    Variant(
+        "inputs_swapped",
+        "X and Y swapped: M weights the second input (the residual branch)",
+        f"networks built on {_OPEN_AFF}, which call fuse(residual, identity)",
+        numpy_forward=_swapped(iaff),
+    ),
+    Variant(
+        "shared_global_inputs_swapped",
+        "shared global branch, and X and Y swapped",
+        f"the official iAFF-ResNet blocks of {_OPEN_AFF} (PyTorch)",
+        {"share_global": True},
+        numpy_forward=_swapped(iaff),
+    ),
+)
+
+
 PAPER = Paper(
     slug="feature_fusion",
     title="Attentional Feature Fusion",
@@ -241,6 +364,7 @@ PAPER = Paper(
     components=(
         Component(
             name="local_context",
+            properties=LOCAL_PROPERTIES,
             paper="feature_fusion",
             module=LocalContext,
             numpy_forward=local_context,
@@ -255,6 +379,7 @@ PAPER = Paper(
         ),
         Component(
             name="global_context",
+            properties=GLOBAL_PROPERTIES,
             paper="feature_fusion",
             module=GlobalContext,
             numpy_forward=global_context,
@@ -269,6 +394,7 @@ PAPER = Paper(
         ),
         Component(
             name="mscam",
+            properties=MSCAM_PROPERTIES,
             paper="feature_fusion",
             module=MSCAM,
             numpy_forward=mscam,
@@ -283,6 +409,8 @@ PAPER = Paper(
         ),
         Component(
             name="aff",
+            properties=AFF_PROPERTIES,
+            variants=AFF_VARIANTS,
             paper="feature_fusion",
             module=AFF,
             numpy_forward=aff,
@@ -298,6 +426,8 @@ PAPER = Paper(
         ),
         Component(
             name="iaff",
+            properties=IAFF_PROPERTIES,
+            variants=IAFF_VARIANTS,
             paper="feature_fusion",
             module=IAFF,
             numpy_forward=iaff,

@@ -16,6 +16,8 @@ from refimpl.registry import (
     Example,
     Invariant,
     Paper,
+    SkipProperty,
+    Variant,
     draw_options,
     random_input,
     randomize_,
@@ -35,6 +37,12 @@ from refimpl.residual_attention.torch_module import (
     ResidualUnit,
     SoftMaskBranch,
     mask_activation,
+)
+from refimpl.testing.properties import (
+    close,
+    commutes_with_position_permutations,
+    output,
+    property_,
 )
 
 # float32 against the float64 oracle, for the mask branch and the attention module. One
@@ -286,6 +294,100 @@ def invariants_attention_module(example: Example, out: torch.Tensor) -> list[Inv
 _PAPER = {"paper": "residual_attention"}
 _DEEP = {"paper": "residual_attention", "tolerances": DEEP_TOLERANCES}
 
+
+# ---------------------------------------------------------------------------------------
+# Properties and catalogue (refimpl.testing)
+
+
+def _mask_range(module, inputs, options) -> tuple[bool, str]:
+    """What each mask activation guarantees of M: f1 (mixed) in (0, 1); f2 (channel) a
+    unit vector over the channels at every position; f3 (spatial) in (0, 1)."""
+    M = output(module, inputs)
+    if options.get("activation", "mixed") == "channel":
+        norms = M.pow(2).sum(1).sqrt()  # 0 where every logit is 0 (f2 is undefined there)
+        return close(torch.where(norms > 1e-6, norms, 1.0), torch.ones_like(norms))
+    ok = bool(((M >= 0) & (M <= 1)).all())
+    return ok, f"M in [{M.min().item():.3g}, {M.max().item():.3g}]"
+
+
+def _mask_branch_ignored(module, inputs, options) -> tuple[bool, str]:
+    """With M forced to 0 (ARL), H = T: the mask branch's weights no longer matter."""
+    if options.get("learning", "arl") != "arl":
+        raise SkipProperty("holds for attention residual learning (ARL) only")
+    mask = [p for name, p in module.named_parameters() if "mask" in name]
+    if not mask:
+        raise SkipProperty("no parameter has 'mask' in its name: cannot find the mask branch")
+    saved = module.force_mask
+    try:
+        module.force_mask = 0.0
+        before = output(module, inputs)
+        with torch.no_grad():
+            kept = [p.clone() for p in mask]
+            for p in mask:
+                p.add_(1.0)
+        after = output(module, inputs)
+        with torch.no_grad():
+            for p, k in zip(mask, kept, strict=True):
+                p.copy_(k)
+    finally:
+        module.force_mask = saved
+    return close(after, before, rtol=0.0)
+
+
+MASK_PROPERTIES = (
+    property_("M in (0, 1) (f1, f3) or unit channel vectors (f2)", _mask_range),
+    commutes_with_position_permutations("point-wise (eval): commutes with position permutations"),
+)
+BRANCH_PROPERTIES = (property_("M in (0, 1) (f1, f3) or unit channel vectors (f2)", _mask_range),)
+MODULE_PROPERTIES = (
+    property_(
+        "M = 0 gives H = T exactly (the mask branch's weights do not matter)",
+        _mask_branch_ignored,
+        needs=("mask_hook",),
+    ),
+)
+
+_ALIGN = Variant(
+    "align_corners_false",
+    "bilinear upsampling with align_corners=False (F.interpolate's default)",
+    "ports that call F.interpolate(..., mode='bilinear') without align_corners",
+    {"align_corners": False},
+)
+_CAFFE = Variant(
+    "caffe_pooling",
+    "mask-branch max pooling 3x3, stride 2, no padding, ceil rounding",
+    "the official Caffe prototxt (fwang91/residual-attention-network)",
+    {"pooling": "caffe"},
+)
+_ACTIVATIONS = (
+    Variant(
+        "channel_activation",
+        "mask activation f2: each position's channel vector divided by its L2 norm",
+        "the paper's attention-type study (Table 2)",
+        {"activation": "channel"},
+    ),
+    Variant(
+        "spatial_activation",
+        "mask activation f3: sigmoid of each channel map standardised over positions",
+        "the paper's attention-type study (Table 2)",
+        {"activation": "spatial"},
+    ),
+)
+MASK_VARIANTS = _ACTIVATIONS
+BRANCH_VARIANTS = (_ALIGN, _CAFFE, *_ACTIVATIONS)
+MODULE_VARIANTS = (
+    *_ACTIVATIONS,
+    Variant(
+        "naive_attention",
+        "naive attention learning H = M * T instead of H = (1 + M) * T",
+        "the paper's NAL ablation; zoo modules that multiply by the mask",
+        {"learning": "nal"},
+    ),
+    _ALIGN,
+    _CAFFE,
+)
+
+
 PAPER = Paper(
     slug="residual_attention",
     title="Residual Attention Network for Image Classification",
@@ -313,6 +415,8 @@ PAPER = Paper(
         ),
         Component(
             name="mask_head",
+            properties=MASK_PROPERTIES,
+            variants=MASK_VARIANTS,
             module=MaskHead,
             numpy_forward=mask_head,
             make_example=example_mask_head,
@@ -326,6 +430,8 @@ PAPER = Paper(
         ),
         Component(
             name="soft_mask_branch",
+            properties=BRANCH_PROPERTIES,
+            variants=BRANCH_VARIANTS,
             module=SoftMaskBranch,
             numpy_forward=soft_mask_branch,
             make_example=example_soft_mask_branch,
@@ -339,6 +445,8 @@ PAPER = Paper(
         ),
         Component(
             name="attention_module",
+            properties=MODULE_PROPERTIES,
+            variants=MODULE_VARIANTS,
             module=AttentionModule,
             numpy_forward=attention_module,
             make_example=example_attention_module,
