@@ -225,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=lambda args: run_bench(args, prog=f"{PROG} bench"))
+    from refimpl.testing import cli as compare_cli
+
+    compare_cli.add_parser(sub).set_defaults(func=compare_cli.run)
     # A new command is a few lines here: `sub.add_parser(...)`, its arguments, and
-    # `set_defaults(func=...)` with a function `args -> exit status` (e.g. compare).
+    # `set_defaults(func=...)` with a function `args -> exit status`.
     return parser
 
 

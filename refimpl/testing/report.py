@@ -64,10 +64,15 @@ class Report:
             mark = {"passed": "ok", "failed": "FAIL", "skipped": "skip", "note": "note"}[r.status]
             lines.append(f"{mark:>4}  {r.name:<{width}}  {r.detail}".rstrip())
         counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES[:3]}
-        lines.append(
+        verdict = (
             f"{'PASSED' if self.passed else 'FAILED'}: {counts['passed']} passed, "
             f"{counts['failed']} failed, {counts['skipped']} skipped"
         )
+        if self.matches:
+            verdict += f"; matches known variant(s): {', '.join(self.matches)}"
+        elif any(r.name == "matches" for r in self.rows):
+            verdict += "; matches no known variant"
+        lines.append(verdict)
         return "\n".join(lines)
 
     def assert_ok(self) -> None:
