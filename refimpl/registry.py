@@ -171,8 +171,9 @@ class Component:
         valid: ``(options, shape, training) -> bool``: whether the component is defined
             there (batch norm in training needs more than one value per channel, ...);
             the one place such constraints between options and shapes are written.
-        saved_bytes_bound: at most this many times the input's bytes saved for backward
-            (parameters excluded), in training mode; ``None`` where nothing is promised.
+        saved_bytes_bound: ``shape -> bound``: at most this many times the input's bytes
+            saved for backward (parameters excluded) in training mode, for an input of
+            ``shape``; ``None`` where nothing is promised.
     """
 
     name: str
@@ -198,7 +199,7 @@ class Component:
     valid: Callable[[Mapping[str, Any], tuple[int, ...], bool], bool] = (
         lambda options, shape, training: True
     )
-    saved_bytes_bound: float | None = None
+    saved_bytes_bound: Callable[[tuple[int, ...]], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,12 @@ Hypothesis draws shapes, options and a seed; bulk arrays come from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
@@ -84,3 +88,81 @@ def assert_close_report(
             f"actual {actual[worst]!r}, expected {expected[worst]!r} "
             f"(max |diff| {diff.max():.3e})"
         )
+
+
+# ---------------------------------------------------------------------------------------
+# Registry-driven strategies: each paper declares its option space once
+# (``Component.option_space`` in ``refimpl/<paper>/registry.py``); its ``make_example``
+# and these strategies both draw from it, and build through ``Component.build_example``.
+
+
+def hidden_width(channels: int, reduction: int) -> int:
+    """The hidden width of every reduction MLP here: ``max(1, C // r)`` (never 0)."""
+    return max(1, channels // reduction)
+
+
+def options_for(component: Any) -> st.SearchStrategy[dict[str, Any]]:
+    """The component's constructor options, each sampled from its declared values."""
+    return st.fixed_dictionaries(
+        {name: st.sampled_from(values) for name, values in component.option_space.items()}
+    )
+
+
+def shapes_for(component: Any, **bounds: tuple[int, int]) -> st.SearchStrategy[tuple[int, ...]]:
+    """An (N, C, H, W) shape from the component's ``shape_space``; ``bounds`` overrides a
+    dimension's range, e.g. ``H=(2, 17)``."""
+    space = {**component.shape_space, **bounds}
+    return st.tuples(*(st.integers(lo, hi) for lo, hi in space.values()))
+
+
+@dataclass(frozen=True)
+class Case:
+    """Options, a shape, a seed and a mode where the component is defined."""
+
+    options: dict[str, Any]
+    shape: tuple[int, ...]
+    seed: int
+    training: bool
+
+    def example(self, component: Any) -> Any:
+        """The component's :class:`refimpl.registry.Example` for this case."""
+        return component.build_example(self.options, self.shape, self.seed)
+
+
+@st.composite
+def cases(
+    draw: st.DrawFn, component: Any, training: bool | None = None, **bounds: tuple[int, int]
+) -> Case:
+    """A :class:`Case` of ``component``; ``training`` drawn unless given; options and
+    shape rejected where ``component.valid`` says the component is not defined."""
+    mode = draw(st.booleans()) if training is None else training
+    options = draw(options_for(component))
+    shape = draw(shapes_for(component, **bounds))
+    assume(component.valid(options, shape, mode))
+    return Case(options, shape, draw(seeds), mode)
+
+
+def covering_options(
+    component: Any, shape: tuple[int, ...], training: bool = False
+) -> list[dict[str, Any]]:
+    """A few option dicts in which every declared value of every option occurs at least
+    once, each valid for ``shape`` (in ``training`` mode): for fixed-example tests
+    (compile, export, gradcheck), which cannot afford the whole product."""
+    space = component.option_space
+    longest = max((len(v) for v in space.values()), default=1)
+    out: list[dict[str, Any]] = []
+    for i in range(longest):
+        for j in range(64):  # shift the other options until the combination is valid
+            opts = {
+                name: values[(i + j * (k + 1)) % len(values)] if j else values[i % len(values)]
+                for k, (name, values) in enumerate(space.items())
+            }
+            if j:  # keep option i's turn: the longest option's value i stays
+                for name, values in space.items():
+                    if len(values) == longest:
+                        opts[name] = values[i]
+                        break
+            if component.valid(opts, shape, training) and opts not in out:
+                out.append(opts)
+                break
+    return out

@@ -105,6 +105,15 @@ def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     return Example(module, (random_input(shape, seed + 1),), {k: options[k] for k in keys})
 
 
+def saved_bytes_bound(shape: tuple[int, ...]) -> float:
+    """What CBAM may save for backward, in units of its input (N, C, H, W): the input and
+    one intermediate of its size (F', or x * M_s); besides, only maps of 1/C of it (the
+    max over channels, the stacked pooled maps, M_s, the batch norm's input) and
+    descriptors of 1/HW of it (pooled over positions, the MLP's)."""
+    _, c, h, w = shape
+    return 2 + 6 / c + 6 / (h * w)
+
+
 def _seeded(space: dict, build, seed: int) -> Example:
     rng = np.random.default_rng(seed)
     options, shape = draw_case(space, EXAMPLE_SHAPES, _conditioned, rng)
@@ -364,6 +373,7 @@ PAPER = Paper(
             build_example=build_example,
             shape_space=SHAPE_SPACE,
             valid=valid,
+            saved_bytes_bound=saved_bytes_bound,
         ),
     ),
 )

@@ -144,6 +144,9 @@ PAPER = Paper(
             build_example=build_example,
             shape_space=SHAPE_SPACE,
             valid=valid,
+            # The input, and descriptors of 1/HW of it (z, the hidden layer, s): nothing
+            # else of the input's size is saved (torch_module.py's docstring).
+            saved_bytes_bound=lambda shape: 1 + 6 / (shape[2] * shape[3]),
         ),
     ),
 )
