@@ -255,6 +255,7 @@ _MAX_ONLY = Variant(
     {"pooling": ("max",)},
 )
 CHANNEL_VARIANTS = (_MLP_BIAS, _AVG_ONLY, _MAX_ONLY)
+_CONV_BIAS = "popular re-implementations (nn.Conv2d's default bias=True)"
 SPATIAL_VARIANTS = (
     Variant(
         "official",
@@ -274,6 +275,7 @@ SPATIAL_VARIANTS = (
         "timm's CbamModule; the official code",
         {"bn": True},
     ),
+    Variant("spatial_bias", "the spatial convolution with a bias", _CONV_BIAS, {"bias": True}),
 )
 VARIANTS = (
     Variant(
@@ -293,6 +295,9 @@ VARIANTS = (
         "a batch norm after the spatial convolution",
         "timm's CbamModule; the official code",
         {"spatial_bn": True},
+    ),
+    Variant(
+        "spatial_bias", "the spatial convolution with a bias", _CONV_BIAS, {"spatial_bias": True}
     ),
     _MLP_BIAS,
     _AVG_ONLY,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -472,6 +473,7 @@ def compare(
     dtype: torch.dtype = torch.float64,
     channels: int | None = None,
     seed: int = 0,
+    max_combined: int = 3,
 ) -> Report:
     """Compare ``module`` with refimpl's NumPy oracle of component ``name``.
 
@@ -498,6 +500,8 @@ def compare(
         dtype: the module's computing dtype (float64 compares to ~1e-10, float32 to ~1e-5).
         channels: the input channel count (default: read from the module).
         seed: seed of the inputs, the gradient weights and directions.
+        max_combined: how many catalogue variants the search combines at most (code
+            often departs from the paper in several places at once).
 
     Returns:
         A :class:`~refimpl.testing.Report`; ``report.matches`` names the variants.
@@ -546,7 +550,9 @@ def compare(
     if form is not None and not output_failed and form.name not in report.matches:
         report.matches.append(form.name)
     if output_failed:
-        _search_catalogue(report, comp, module, user_sd, channels, options, key_map, dtype)
+        _search_catalogue(
+            report, comp, module, user_sd, channels, options, key_map, dtype, max_combined
+        )
     return report
 
 
@@ -602,28 +608,76 @@ def _raised(err: Exception) -> str:
     return f"raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def _search_catalogue(report, comp, module, user_sd, channels, options, key_map, dtype) -> None:
-    """Rows naming the catalogue variants whose oracle the module matches (eval mode)."""
+def combine_variants(variants: Sequence[Variant], channels: int) -> Variant | None:
+    """One variant doing all of ``variants`` at once (their options merged, at most one
+    NumPy forward of their own), or None where they contradict each other."""
+    options: dict[str, Any] = {}
+    forwards = [v.numpy_forward for v in variants if v.numpy_forward is not None]
+    if len(forwards) > 1:
+        return None
+    for v in variants:
+        for k, value in v.options_for(channels).items():
+            if k in options and options[k] != value:
+                return None
+            options[k] = value
+    if len(variants) == 1:
+        return variants[0]
+    return Variant(
+        name=" + ".join(v.name for v in variants),
+        description="; ".join(v.description for v in variants),
+        where="; ".join(dict.fromkeys(v.where for v in variants)),
+        options=options,
+        numpy_forward=forwards[0] if forwards else None,
+        batch_coupled=any(v.batch_coupled for v in variants),
+    )
+
+
+def _redundant(group: Sequence[Variant], combined: Variant, channels: int) -> bool:
+    """Whether one member of ``group`` already does what the combination does."""
+    merged = combined.options_for(channels)
+    return any(
+        v.options_for(channels) == merged and v.numpy_forward is combined.numpy_forward
+        for v in group
+    )
+
+
+def _search_catalogue(
+    report, comp, module, user_sd, channels, options, key_map, dtype, max_combined
+) -> None:
+    """Rows naming the catalogue variants whose oracle the module matches (eval mode):
+    single variants first, then pairs, ... up to ``max_combined`` at once; the search
+    stops at the first size that matches."""
     dtype_name = str(dtype).removeprefix("torch.")
     rtol, atol = comp.tolerances[dtype_name]
-    matched = []
-    for variant in comp.variants:
-        try:
-            opts = {**options, **variant.options_for(channels)}
-            ref = _reference(comp, channels, opts)
-            params, _ = map_params(user_sd, ref, key_map=key_map, strict=False)
-        except (KeyError, ValueError, TypeError):
-            continue  # the module's weights cannot be this variant's
-        oracle = _Oracle(comp, ref, params, variant)
-        if _variant_matches(comp, module, oracle, ref, channels, dtype, rtol, atol):
-            matched.append(variant)
+    matched: list[Variant] = []
+    for size in range(1, max_combined + 1):
+        for group in itertools.combinations(comp.variants, size):
+            variant = combine_variants(group, channels)
+            if variant is None or (size > 1 and _redundant(group, variant, channels)):
+                continue
+            try:
+                opts = {**options, **variant.options_for(channels)}
+                ref = _reference(comp, channels, opts)
+                params, _ = map_params(user_sd, ref, key_map=key_map, strict=False)
+            except (KeyError, ValueError, TypeError):
+                continue  # the module's weights cannot be this variant's
+            oracle = _Oracle(comp, ref, params, variant)
+            if _variant_matches(comp, module, oracle, ref, channels, dtype, rtol, atol):
+                matched.append(variant)
+        if matched:
+            break
     if matched:
         for v in matched:
             report.matches.append(v.name)
             report.add("matches", "note", f"{v.name}: {v.description} ({v.where})")
     else:
         names = ", ".join(v.name for v in comp.variants) or "none catalogued"
-        report.add("matches", "note", f"no known variant of {comp.name} (searched: {names})")
+        report.add(
+            "matches",
+            "note",
+            f"no known variant of {comp.name}, nor up to {max_combined} of them combined "
+            f"(searched: {names})",
+        )
 
 
 def _variant_matches(comp, module, oracle, ref, channels, dtype, rtol, atol) -> bool:
