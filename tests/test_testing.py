@@ -106,6 +106,23 @@ def test_transcriptions_are_named(factory, name, kwargs, expected):
         assert report.matches == [], str(report)
 
 
+def test_fixed_size_residual_attention_port_is_named():
+    """Built for 7x5 inputs, it fails on the others: compared where it runs."""
+    from refimpl.residual_attention import popular as ra_popular
+
+    module = ra_popular.FixedSizeAttentionModule(4, size=(7, 5), depth=2)
+    report = compare(module, "attention_module", max_combined=1)
+    assert report.matches == ["skip_adds_feature"], str(report)
+
+
+def test_keras_residual_attention_is_not_refimpl_shaped_and_says_why():
+    """The Keras form's mask head has two biased convolutions and no batch norm."""
+    from refimpl.residual_attention import popular as ra_popular
+
+    with pytest.raises(ValueError, match=r"cannot match .* by shape"):
+        compare(ra_popular.FixedFactorAttentionModule(4), "attention_module")
+
+
 def test_zoo_bam_is_not_refimpl_shaped_and_says_why():
     """The zoo's BAM has three hidden layers: no mapping onto BAM's weights exists."""
     with pytest.raises(ValueError, match=r"cannot match .* by shape(.|\n)*candidates"):

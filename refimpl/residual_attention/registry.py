@@ -7,10 +7,14 @@ one value per channel at every level of the mask branch, even where it pools dow
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
+from refimpl import numpy_functional as nf
+from refimpl._params import Params
 from refimpl.registry import (
     Component,
     Example,
@@ -22,7 +26,13 @@ from refimpl.registry import (
     random_input,
     randomize_,
 )
+from refimpl.residual_attention._pooling import MAX_POOL
 from refimpl.residual_attention.numpy_forward import (
+    _mask_structure,
+    _module_structure,
+    _residual_unit,
+    _units,
+    _upsample,
     attention_module,
     mask_head,
     residual_unit,
@@ -359,6 +369,48 @@ _CAFFE = Variant(
     "the official Caffe prototxt (fwang91/residual-attention-network)",
     {"pooling": "caffe"},
 )
+
+
+def skip_adds_feature_module(
+    x: np.ndarray,
+    params: Mapping[str, Any],
+    *,
+    activation: str = "mixed",
+    learning: str = "arl",
+    align_corners: bool = True,
+    pooling: str = "paper",
+    training: bool = False,
+    **_: Any,
+) -> np.ndarray:
+    """The attention module of PyTorch ports that, on the way up, add the bottom-up feature
+    AND its skip unit's output to the upsampled map (the prototxt adds the skip unit's
+    output only, which holds the feature already through its identity shortcut)."""
+    p = Params.of(params, "attention_module (skip adds feature)")
+    structure, mask = _module_structure(p), _mask_structure(p.sub("mask"))
+    m = p.sub("mask")
+    x = _units(np.asarray(x), p, "pre", training, structure["p"])
+    T = _units(x, p, "trunk", training, structure["t"])
+    features, h = [], x
+    for i in range(1, mask["depth"] + 1):
+        h = nf.max_pool2d(h, **MAX_POOL[pooling])
+        h = _units(h, m, f"down{i}", training, 2 * mask["r"] if i == mask["depth"] else mask["r"])
+        features.append(h)
+    for i in range(mask["depth"] - 1, 0, -1):
+        h = _upsample(h, features[i - 1], align_corners)
+        if i <= mask["skips"]:  # the feature itself, then its skip unit's output
+            h = (
+                h
+                + features[i - 1]
+                + _residual_unit(features[i - 1], m.sub(f"skip{i}"), 1, training)
+            )
+        h = _units(h, m, f"up{i}", training, mask["r"])
+    M = mask_head(
+        _upsample(h, x, align_corners), m.sub("head"), activation=activation, training=training
+    )
+    H = (1 + M) * T if learning == "arl" else M * T
+    return _units(H, p, "post", training, structure["p"])
+
+
 _ACTIVATIONS = (
     Variant(
         "channel_activation",
@@ -377,6 +429,12 @@ MASK_VARIANTS = _ACTIVATIONS
 BRANCH_VARIANTS = (_ALIGN, _CAFFE, *_ACTIVATIONS)
 MODULE_VARIANTS = (
     *_ACTIVATIONS,
+    Variant(
+        "skip_adds_feature",
+        "on the way up the bottom-up feature is added as well as its skip unit's output",
+        "PyTorch ports with upsampling sizes fixed for one input size",
+        numpy_forward=skip_adds_feature_module,
+    ),
     Variant(
         "naive_attention",
         "naive attention learning H = M * T instead of H = (1 + M) * T",

@@ -681,9 +681,10 @@ def _search_catalogue(
 
 
 def _variant_matches(comp, module, oracle, ref, channels, dtype, rtol, atol) -> bool:
-    """Whether the module computes the variant's oracle wherever either is defined (eval
-    mode; inputs where both fail, as the official code and its variant do, are passed
-    over)."""
+    """Whether the module computes the variant's oracle on every input where both run
+    (eval mode), on one input at least. Where the variant is not defined the module must
+    fail too (the official BAM pooling); where the module alone fails (code built for one
+    input size), the input is passed over."""
     tried = 0
     for _shape, _modes, inputs in _case_inputs(comp, channels, 1000):
         if _defined(ref, inputs, False) is not None:
@@ -702,8 +703,10 @@ def _variant_matches(comp, module, oracle, ref, channels, dtype, rtol, atol) -> 
             actual = None
         if expected is None and actual is None:
             continue
-        if expected is None or actual is None:
+        if expected is None:
             return False
+        if actual is None or actual.shape != expected.shape:
+            continue  # code built for one input size fails on others: compare where it runs
         worst, _ = _worst(actual, expected, rtol, atol)
         if worst > 1.0:
             return False
