@@ -20,7 +20,7 @@ from refimpl.registry import (
     random_input,
     randomize_,
 )
-from refimpl.testing.properties import scales_input
+from refimpl.testing.properties import maps_explain_output, scales_input
 
 #: The constructor options and the values tests and examples draw from. C from 1 upward
 #: with r up to 16, so C < r (hidden width 1) comes up often; dilations up to 5 exceed most
@@ -86,6 +86,7 @@ def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
 
 PROPERTIES = (
     scales_input(1.0, 2.0, "out = x (1 + M) with M in (0, 1): |x| <= |out| <= 2|x|, same sign"),
+    maps_explain_output("out = x (1 + M), the returned M", lambda i, m, o: i[0] * (1 + m["M"])),
 )
 
 _OFFICIAL = "the official BAM code (github.com/Jongchan/attention-module)"

@@ -27,6 +27,7 @@ from refimpl.testing.properties import (
     commutes_with_channel_permutations,
     commutes_with_position_permutations,
     gate_factorises,
+    maps_explain_output,
     scales_input,
 )
 
@@ -236,6 +237,9 @@ SPATIAL_PROPERTIES = (
 PROPERTIES = (
     scales_input(0.0, 1.0, "both gates in (0, 1): |out| <= |x|, same sign"),
     gate_factorises("both", "out / x = M_c * M_s, a channel factor times a position factor"),
+    maps_explain_output(
+        "out = x * M_c * M_s, the returned maps", lambda i, m, o: i[0] * m["M_c"] * m["M_s"]
+    ),
 )
 
 _OFFICIAL = "the official CBAM code (github.com/Jongchan/attention-module)"

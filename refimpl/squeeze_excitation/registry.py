@@ -20,6 +20,7 @@ from refimpl.squeeze_excitation.torch_module import GATES, POOLINGS, SqueezeExci
 from refimpl.testing.properties import (
     commutes_with_position_permutations,
     gate_factorises,
+    maps_explain_output,
     scales_input,
 )
 
@@ -97,6 +98,9 @@ PROPERTIES = (
     scales_input(0.0, 1.0, "gate in (0, 1): |out| <= |x|, same sign", when=_not_sigmoid),
     gate_factorises("channel", "out / x is one factor per channel (the same at every position)"),
     commutes_with_position_permutations(),
+    maps_explain_output(
+        "out = x * s, the returned gate", lambda i, m, o: i[0] * m["s"][:, :, None, None]
+    ),
 )
 
 VARIANTS = (

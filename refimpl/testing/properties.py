@@ -39,6 +39,7 @@ __all__ = [
     "commutes_with_position_permutations",
     "gate_factorises",
     "input_not_modified",
+    "maps_explain_output",
     "output",
     "permute_positions",
     "property_",
@@ -229,3 +230,24 @@ def between_inputs(name: str = "Z between X and Y elementwise") -> Property:
         return outside == 0, f"{outside} of {z.numel()} elements outside [min, max]"
 
     return property_(name, check)
+
+
+def maps_explain_output(
+    name: str, formula: Callable[[Inputs, dict[str, torch.Tensor], dict], torch.Tensor]
+) -> Property:
+    """The output equals ``formula(inputs, maps, options)`` computed from the maps that
+    ``forward(..., return_maps=True)`` returns (needs a module that returns them)."""
+
+    def check(module: nn.Module, inputs: Inputs, options: dict) -> tuple[bool, str]:
+        with torch.no_grad():
+            got = module(*inputs, return_maps=True)
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict)):
+            raise SkipProperty("forward(..., return_maps=True) did not return (out, maps)")
+        out, maps = got
+        try:
+            expected = formula(inputs, maps, options)
+        except KeyError as err:
+            raise SkipProperty(f"the maps have no {err.args[0]!r}") from None
+        return close(out, expected)
+
+    return property_(name, check, needs=("maps",))
