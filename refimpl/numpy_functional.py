@@ -554,10 +554,11 @@ def _nearest_sources(
     return np.minimum(src, in_size - 1)
 
 
-def _linear_weights(
+def _linear_taps(
     in_size: int, out_size: int, scale_factor: float | None, align_corners: bool, dtype: np.dtype
-) -> np.ndarray:
-    """torch's 1-D linear interpolation as a matrix R (out_size, in_size): ``y = R x``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torch's 1-D linear interpolation as two taps per output index: ``y[i] = w_left[i]
+    x[left[i]] + w_right[i] x[right[i]]``.
 
     Output index ``i`` reads the source coordinate
 
@@ -565,11 +566,16 @@ def _linear_weights(
     * align_corners=False: ``max((i + 0.5) scale - 0.5, 0)`` (pixel centres map onto pixel
       centres), with ``scale`` from ``_source_scale``;
 
-    and mixes the two input entries around it. torch copies the input when the size does not
-    change, whatever the scale factor, and floors the coordinate in float32 (``floorf``).
+    and mixes the two input entries around it, ``left = floor`` (in float32, ``floorf``)
+    and ``right = min(left + 1, in - 1)``. torch copies the input when the size does not
+    change, whatever the scale factor: then both taps are ``i``.
+
+    Returns:
+        (left, right, w_left, w_right), each of length ``out_size``.
     """
     if out_size == in_size:
-        return np.eye(in_size, dtype=dtype)
+        index = np.arange(in_size)
+        return index, index, np.ones(in_size, dtype=dtype), np.zeros(in_size, dtype=dtype)
     opmath = _opmath(dtype)
     dst = np.arange(out_size).astype(opmath)
     if align_corners:
@@ -581,11 +587,7 @@ def _linear_weights(
     left = np.minimum(np.floor(src.astype(np.float32)).astype(np.int64), in_size - 1)
     right = np.minimum(left + 1, in_size - 1)
     lam = np.clip(src - left, 0, 1)  # weight of the right neighbour
-    rows = np.arange(out_size)
-    weights = np.zeros((out_size, in_size), dtype=opmath)
-    np.add.at(weights, (rows, left), 1 - lam)
-    np.add.at(weights, (rows, right), lam)  # adds to the same entry at the last input index
-    return weights.astype(dtype)
+    return left, right, (1 - lam).astype(dtype), lam.astype(dtype)
 
 
 def interpolate(
@@ -606,7 +608,9 @@ def interpolate(
       ``H_out + W_out <= 128``, so that at rare sizes (2 -> 82) a pixel comes from the
       neighbour of the one exact arithmetic would pick (see ``_nearest_sources``).
     * "bilinear": separable linear interpolation; ``align_corners`` chooses how output
-      coordinates map to input coordinates (see ``_linear_weights``); None means False.
+      coordinates map to input coordinates (see ``_linear_taps``); None means False.
+      Each output reads only the 2 x 2 input pixels of its stencil, so a NaN in the input
+      reaches only the outputs whose stencil holds it (as in torch).
 
     Args:
         input: the image.
@@ -658,6 +662,11 @@ def interpolate(
         small_output = sum(out_size) <= _SMALL_OUTPUT
         rows, cols = (_nearest_sources(n, o, s, x.dtype, small_output) for n, o, s in axes)
         return x[:, :, rows[:, None], cols[None, :]]
-    # Bilinear is separable: interpolate rows with R_h, then columns with R_w.
-    r_h, r_w = (_linear_weights(n, o, s, bool(align_corners), x.dtype) for n, o, s in axes)
-    return np.einsum("ih,nchw,jw->ncij", r_h, x, r_w, optimize=True)
+    # Bilinear is separable: interpolate along the rows, then along the columns. Each output
+    # reads only its 2 x 2 stencil (gathered, not a dense matrix product, in which a NaN
+    # or inf times a zero weight would reach every output): a NaN stays local, as in torch.
+    (top, bottom, w_top, w_bottom), (left, right, w_left, w_right) = (
+        _linear_taps(n, o, s, bool(align_corners), x.dtype) for n, o, s in axes
+    )
+    rows = x[:, :, top, :] * w_top[:, None] + x[:, :, bottom, :] * w_bottom[:, None]
+    return rows[:, :, :, left] * w_left + rows[:, :, :, right] * w_right  # (N, C, H_out, W_out)

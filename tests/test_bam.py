@@ -109,8 +109,8 @@ def test_named_steps_agree(shape, opts, seed, training):
     params = state_dict_numpy(module)
     x = normal(shape, seed + 1)
     out, maps = module(to_torch(x), return_maps=True)
-    channel_params = {k.removeprefix("channel_gate."): v for k, v in params.items()}
-    spatial_params = {k.removeprefix("spatial_gate."): v for k, v in params.items()}
+    channel_params = {k[13:]: v for k, v in params.items() if k.startswith("channel_gate.")}
+    spatial_params = {k[13:]: v for k, v in params.items() if k.startswith("spatial_gate.")}
     norm, d = opts["norm"], opts["dilation"]
     M_c = channel_gate(x, channel_params, norm=norm, training=training)
     M_s = spatial_gate(x, spatial_params, dilation=d, norm=norm, training=training)

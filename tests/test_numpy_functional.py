@@ -485,6 +485,29 @@ def test_interpolate_literals():
     np.testing.assert_allclose(y.ravel(), [0.0, 0.25, 0.75, 1.0], rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+@given(
+    shape=nchw_shapes(max_c=2, max_hw=9),
+    size=pairs(1, 20),
+    where=st.tuples(st.floats(0, 1, exclude_max=True), st.floats(0, 1, exclude_max=True)),
+    seed=seeds,
+)
+@example(shape=(1, 1, 5, 5), size=(9, 9), where=(0.2, 0.2), seed=0)  # weights of exactly 0
+@example(shape=(1, 1, 5, 5), size=(5, 9), where=(0.2, 0.2), seed=0)  # one axis kept as is
+def test_bilinear_keeps_a_nan_local(align_corners, shape, size, where, seed):
+    """A NaN pixel reaches only the outputs whose 2 x 2 stencil holds it: the same NaN mask
+    as torch's, and the same values elsewhere (a dense matrix product would spread it over
+    every output of its rows and columns through 0 * NaN)."""
+    x = normal(shape, seed)
+    i, j = int(where[0] * shape[2]), int(where[1] * shape[3])
+    x[0, 0, i, j] = np.nan
+    expected = F.interpolate(to_torch(x), size=size, mode="bilinear", align_corners=align_corners)
+    y = nf.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    nan = np.isnan(expected.numpy())
+    np.testing.assert_array_equal(np.isnan(y), nan, err_msg="NaN masks differ")
+    check(np.where(nan, 0.0, y), torch.from_numpy(np.where(nan, 0.0, expected.numpy())), "finite")
+
+
 def test_interpolate_nearest_small_output_quirk():
     # For outputs with H_out + W_out <= 128 torch computes 41 * (2 / 82) in float32, which
     # rounds below 1: output row 41 reads input row 0, not 1. Above 128 it reads row 1.

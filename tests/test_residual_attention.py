@@ -376,7 +376,9 @@ def test_maps_T_M_H_agree(shape, opts, seed):
     if opts["force_mask"] is None:
         pre = npf._units(x, params, "pre", False)
         M_branch = soft_mask_branch(
-            pre, npf._sub(params, "mask"), **{k: opts[k] for k in ("activation", "align_corners")}
+            pre,
+            {k[5:]: v for k, v in params.items() if k.startswith("mask.")},
+            **{k: opts[k] for k in ("activation", "align_corners")},
         )
         np.testing.assert_array_equal(M_branch, M)
 
@@ -901,7 +903,7 @@ def test_numpy_rejects_bad_options():
     with pytest.raises(ValueError, match="learning"):
         attention_module(x, params, learning="residual")
     unit = state_dict_numpy(ResidualUnit(4))
-    with pytest.raises(ValueError, match="projection"):
+    with pytest.raises(KeyError, match="projection"):
         residual_unit(np.zeros((1, 4, 3, 3)), unit, stride=2)
 
 

@@ -23,8 +23,10 @@ Where the batch norms sit (``norm``):
         (``channel_gate.bn0`` after fc0; ``spatial_gate.bn0``, ``bn1``, ``bn2`` after
         conv0, conv1, conv2) and none at the end.
 
-``params`` is ``BAM(...).state_dict()`` (any mapping of arrays with the same keys). The
-hidden width C/r is read from ``fc0.weight`` and ``conv0.weight``.
+``params`` is ``BAM(...).state_dict()`` (any mapping of arrays with the same keys), and
+exactly the keys that ``norm`` implies (a missing, unexpected or misshaped key is an error
+naming the full key, see :mod:`refimpl._params`). The widths C and C/r are read from
+``fc0.weight`` and ``conv0.weight``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 
 from refimpl import numpy_functional as nf
 from refimpl._checks import check_choice, check_numpy_input, check_positive_int
+from refimpl._params import Params, Spec
 
 NORMS = ("output", "hidden")
 COMBINES = ("sum", "product")
@@ -56,17 +59,18 @@ def channel_gate(
     Shape: x (N, C, H, W) -> M_c (N, C).
     """
     check_choice(norm, NORMS, "channel_gate", "norm")
-    channels = np.asarray(params["fc0.weight"]).shape[1]
-    F = check_numpy_input(x, channels, "channel_gate", "x")
+    p = Params.of(params, "channel_gate")
+    p.check(_channel_spec(p, norm))
+    F = check_numpy_input(x, p.shape("fc0.weight")[1], "channel_gate", "x")
     _check_batch_for_training(F.shape[0], training, "channel_gate")
     F_c = F.mean(axis=(2, 3))  # AvgPool(F), the channel vector, (N, C)
-    hidden = _linear(F_c, params, "fc0")  # W0 F_c + b0, (N, C/r)
+    hidden = _linear(F_c, p, "fc0")  # W0 F_c + b0, (N, C/r)
     if norm == "hidden":
-        hidden = _batch_norm(hidden, params, "bn0", training)
+        hidden = _batch_norm(hidden, p, "bn0", training)
     hidden = nf.relu(hidden)  # delta, (N, C/r)
-    M_c = _linear(hidden, params, "fc1")  # W1 delta(...) + b1, (N, C)
+    M_c = _linear(hidden, p, "fc1")  # W1 delta(...) + b1, (N, C)
     if norm == "output":
-        M_c = _batch_norm(M_c, params, "bn", training)  # Eq. (3): BN(MLP(AvgPool(F)))
+        M_c = _batch_norm(M_c, p, "bn", training)  # Eq. (3): BN(MLP(AvgPool(F)))
     return M_c
 
 
@@ -98,18 +102,19 @@ def spatial_gate(
     """
     check_choice(norm, NORMS, "spatial_gate", "norm")
     check_positive_int(dilation, "spatial_gate", "dilation")
-    channels = np.asarray(params["conv0.weight"]).shape[1]
-    F = check_numpy_input(x, channels, "spatial_gate", "x")
+    p = Params.of(params, "spatial_gate")
+    p.check(_spatial_spec(p, norm))
+    F = check_numpy_input(x, p.shape("conv0.weight")[1], "spatial_gate", "x")
     _check_positions_for_training(F.shape, training, "spatial_gate")
-    h = _conv(F, params, "conv0")  # f0: 1x1 reduction C -> C/r, (N, C/r, H, W)
-    h = _hidden_activation(h, params, "bn0", norm, training)
-    h = _conv(h, params, "conv1", dilation)  # f1: 3x3, dilation d, (N, C/r, H, W)
-    h = _hidden_activation(h, params, "bn1", norm, training)
-    h = _conv(h, params, "conv2", dilation)  # f2: 3x3, dilation d, (N, C/r, H, W)
-    h = _hidden_activation(h, params, "bn2", norm, training)
-    M_s = _conv(h, params, "conv3")  # f3: 1x1 C/r -> 1, (N, 1, H, W)
+    h = _conv(F, p, "conv0")  # f0: 1x1 reduction C -> C/r, (N, C/r, H, W)
+    h = _hidden_activation(h, p, "bn0", norm, training)
+    h = _conv(h, p, "conv1", dilation)  # f1: 3x3, dilation d, (N, C/r, H, W)
+    h = _hidden_activation(h, p, "bn1", norm, training)
+    h = _conv(h, p, "conv2", dilation)  # f2: 3x3, dilation d, (N, C/r, H, W)
+    h = _hidden_activation(h, p, "bn2", norm, training)
+    M_s = _conv(h, p, "conv3")  # f3: 1x1 C/r -> 1, (N, 1, H, W)
     if norm == "output":
-        M_s = _batch_norm(M_s, params, "bn", training)  # Eq. (4): BN(f3(...))
+        M_s = _batch_norm(M_s, p, "bn", training)  # Eq. (4): BN(f3(...))
     return M_s[:, 0]  # (N, H, W)
 
 
@@ -161,11 +166,12 @@ def bam(
     """
     check_choice(norm, NORMS, "bam", "norm")
     check_choice(combine, COMBINES, "bam", "combine")
-    channels = np.asarray(params["channel_gate.fc0.weight"]).shape[1]
-    F = check_numpy_input(x, channels, "bam", "x")
+    p = Params.of(params, "bam")
+    channel_params, spatial_params = p.sub("channel_gate"), p.sub("spatial_gate")
+    spec = Spec().include("channel_gate.", _channel_spec(channel_params, norm))
+    p.check(spec.include("spatial_gate.", _spatial_spec(spatial_params, norm)))
+    F = check_numpy_input(x, channel_params.shape("fc0.weight")[1], "bam", "x")
     _check_batch_for_training(F.shape[0], training, "bam")
-    channel_params = _subset(params, "channel_gate.")
-    spatial_params = _subset(params, "spatial_gate.")
     M_c = channel_gate(F, channel_params, norm=norm, training=training)  # Eq. (3), (N, C)
     M_s = spatial_gate(
         F, spatial_params, dilation=dilation, norm=norm, training=training
@@ -176,44 +182,60 @@ def bam(
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers: one layer each, reading its weights from params by name.
+# Helpers: the keys of each branch (refimpl._params checks them), one layer each.
 
 
-def _linear(z: np.ndarray, params: Mapping[str, Any], name: str) -> np.ndarray:
-    return nf.linear(z, np.asarray(params[f"{name}.weight"]), np.asarray(params[f"{name}.bias"]))
+def _channel_spec(p: Params, norm: str) -> Spec:
+    """``ChannelGate``'s keys: ``fc0`` (C/r, C), ``fc1`` (C, C/r), with biases, and the
+    batch norm ``bn`` (C) for ``norm="output"`` or ``bn0`` (C/r) for ``"hidden"``."""
+    hidden = p.dim(("fc0.weight", 2, 0), ("fc1.weight", 2, 1))
+    channels = p.dim(("fc0.weight", 2, 1), ("fc1.weight", 2, 0))
+    spec = Spec().linear("fc0", hidden, channels, True).linear("fc1", channels, hidden, True)
+    return spec.batch_norm("bn", channels) if norm == "output" else spec.batch_norm("bn0", hidden)
 
 
-def _conv(h: np.ndarray, params: Mapping[str, Any], name: str, dilation: int = 1) -> np.ndarray:
-    weight = np.asarray(params[f"{name}.weight"])
-    padding = dilation * (weight.shape[-1] // 2)  # 0 for 1x1, d for a 3x3 with dilation d
-    return nf.conv2d(
-        h, weight, np.asarray(params[f"{name}.bias"]), padding=padding, dilation=dilation
+def _spatial_spec(p: Params, norm: str) -> Spec:
+    """``SpatialGate``'s keys: ``conv0`` (C/r, C, 1, 1), ``conv1``, ``conv2`` (C/r, C/r, 3, 3),
+    ``conv3`` (1, C/r, 1, 1), with biases; ``bn`` (1) for ``norm="output"``, else ``bn0``,
+    ``bn1``, ``bn2`` (C/r)."""
+    hidden = p.dim(("conv0.weight", 4, 0), ("conv3.weight", 4, 1))
+    channels = p.dim(
+        ("conv0.weight", 4, 1),
     )
+    spec = Spec().conv("conv0", hidden, channels, 1, True)
+    spec.conv("conv1", hidden, hidden, 3, True).conv("conv2", hidden, hidden, 3, True)
+    spec.conv("conv3", 1, hidden, 1, True)
+    if norm == "output":
+        return spec.batch_norm("bn", 1)
+    return spec.batch_norm("bn0", hidden).batch_norm("bn1", hidden).batch_norm("bn2", hidden)
 
 
-def _batch_norm(h: np.ndarray, params: Mapping[str, Any], name: str, training: bool) -> np.ndarray:
+def _linear(z: np.ndarray, p: Params, name: str) -> np.ndarray:
+    return nf.linear(z, p[f"{name}.weight"], p[f"{name}.bias"])
+
+
+def _conv(h: np.ndarray, p: Params, name: str, dilation: int = 1) -> np.ndarray:
+    weight = p[f"{name}.weight"]
+    padding = dilation * (weight.shape[-1] // 2)  # 0 for 1x1, d for a 3x3 with dilation d
+    return nf.conv2d(h, weight, p[f"{name}.bias"], padding=padding, dilation=dilation)
+
+
+def _batch_norm(h: np.ndarray, p: Params, name: str, training: bool) -> np.ndarray:
     return nf.batch_norm(
         h,
-        np.asarray(params[f"{name}.running_mean"]),
-        np.asarray(params[f"{name}.running_var"]),
-        np.asarray(params[f"{name}.weight"]),
-        np.asarray(params[f"{name}.bias"]),
+        p[f"{name}.running_mean"],
+        p[f"{name}.running_var"],
+        p[f"{name}.weight"],
+        p[f"{name}.bias"],
         training=training,
     )
 
 
-def _hidden_activation(
-    h: np.ndarray, params: Mapping[str, Any], bn: str, norm: str, training: bool
-) -> np.ndarray:
+def _hidden_activation(h: np.ndarray, p: Params, bn: str, norm: str, training: bool) -> np.ndarray:
     """ReLU after a hidden layer, preceded by its batch norm in the official placement."""
     if norm == "hidden":
-        h = _batch_norm(h, params, bn, training)
+        h = _batch_norm(h, p, bn, training)
     return nf.relu(h)
-
-
-def _subset(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of ``params`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
 
 
 def _check_batch_for_training(n: int, training: bool, who: str) -> None:

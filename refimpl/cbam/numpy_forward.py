@@ -19,11 +19,16 @@ Glossary (the paper's symbols):
 Products ``*`` broadcast the maps: M_c over positions, M_s over channels.
 
 ``params`` is the PyTorch module's ``state_dict()`` (any mapping of arrays with the same
-keys): ``reduce.*``/``expand.*`` for the channel gate, ``conv.*``/``bn.*`` for the spatial
-gate, under ``channel.`` and ``spatial.`` in CBAM. What the weights tell is read from them:
-the hidden width from ``reduce.weight``, the kernel size from ``conv.weight``, biases and
-the batch norm from the keys present. What they cannot tell (which poolings, in which
-order; the arrangement of the two gates) are keyword options, named as the module's.
+keys), and exactly those keys (a missing, unexpected or misshaped key is an error naming
+the full key, see :mod:`refimpl._params`): ``reduce.*``/``expand.*`` for the channel gate,
+``conv.*``/``bn.*`` for the spatial gate, under ``channel.`` and ``spatial.`` in CBAM. What
+the weights tell is read from them: the widths from ``reduce.weight``, the kernel size
+from ``conv.weight``. Three optional groups are selected by their keys: the MLP biases
+(``reduce.bias`` and ``expand.bias``, both or neither), the spatial convolution's bias
+(``conv.bias``) and the spatial batch norm (``bn.weight``, ``bn.bias``,
+``bn.running_mean``, ``bn.running_var``, all four; ``bn.num_batches_tracked`` optional).
+What the weights cannot tell (which poolings, in which order; the arrangement of the two
+gates) are keyword options, named as the module's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 
 from refimpl import numpy_functional as nf
 from refimpl._checks import check_choice, check_numpy_input
+from refimpl._params import Params, Spec
 from refimpl.cbam._options import ARRANGEMENTS, check_variant, parse_pooling
 
 # ---------------------------------------------------------------------------------------
@@ -58,8 +64,9 @@ def shared_mlp(z: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
 
     Shape: z (N, C) -> (N, C).
     """
-    W0, b0 = np.asarray(params["reduce.weight"]), _maybe(params.get("reduce.bias"))
-    W1, b1 = np.asarray(params["expand.weight"]), _maybe(params.get("expand.bias"))
+    p = _channel_params(params, "shared_mlp")
+    W0, b0 = p["reduce.weight"], p.get("reduce.bias")
+    W1, b1 = p["expand.weight"], p.get("expand.bias")
     hidden = nf.relu(nf.linear(z, W0, b0))  # delta(W0 z), (N, C/r)
     return nf.linear(hidden, W1, b1)  # W1 delta(W0 z), (N, C)
 
@@ -73,7 +80,8 @@ def channel_attention_map(
 
     Shape: F (N, C, H, W) -> M_c (N, C, 1, 1).
     """
-    logits = sum(shared_mlp(z, params) for z in channel_descriptors(F, pooling))  # (N, C)
+    p = _channel_params(params, "channel_attention_map")
+    logits = sum(shared_mlp(z, p) for z in channel_descriptors(F, pooling))  # (N, C)
     return nf.sigmoid(logits)[:, :, None, None]  # (N, C, 1, 1)
 
 
@@ -100,9 +108,9 @@ def channel_attention(
         F', same shape as ``x``; with ``return_maps``, ``(F', maps)``.
     """
     pooling = parse_pooling(pooling, "channel_attention")
-    channels = np.asarray(params["reduce.weight"]).shape[1]
-    F = check_numpy_input(x, channels, "channel_attention", "x")
-    M_c = channel_attention_map(F, params, pooling)  # Eq. (2), (N, C, 1, 1)
+    p = _channel_params(params, "channel_attention")
+    F = check_numpy_input(x, p.shape("reduce.weight")[1], "channel_attention", "x")
+    M_c = channel_attention_map(F, p, pooling)  # Eq. (2), (N, C, 1, 1)
     F_prime = M_c * F  # Eq. (1), first line, (N, C, H, W)
     return (F_prime, {"M_c": M_c}) if return_maps else F_prime
 
@@ -134,22 +142,23 @@ def spatial_attention_map(
     :math:`f^{k \times k}` is a convolution with one output channel and zero padding
     k // 2, so M_s has F's height and width at every size (1 x 1 included). In the
     official form it has no bias and a batch norm follows it (used here whenever
-    ``params`` has ``bn.*`` keys; batch statistics when ``training``).
+    ``params`` has ``bn.*`` keys, then all four; batch statistics when ``training``).
 
     Shape: F (N, C, H, W) -> M_s (N, 1, H, W).
     """
-    weight = np.asarray(params["conv.weight"])  # (1, P, k, k)
+    p = _spatial_params(params, len(pooling), "spatial_attention_map")
+    weight = p["conv.weight"]  # (1, P, k, k)
     descriptors = spatial_descriptors(F, pooling)  # (N, P, H, W)
     logits = nf.conv2d(
-        descriptors, weight, _maybe(params.get("conv.bias")), padding=weight.shape[-1] // 2
+        descriptors, weight, p.get("conv.bias"), padding=weight.shape[-1] // 2
     )  # (N, 1, H, W)
-    if "bn.weight" in params or "bn.running_mean" in params:
+    if "bn.weight" in p:
         logits = nf.batch_norm(
             logits,
-            _maybe(params.get("bn.running_mean")),
-            _maybe(params.get("bn.running_var")),
-            _maybe(params.get("bn.weight")),
-            _maybe(params.get("bn.bias")),
+            p["bn.running_mean"],
+            p["bn.running_var"],
+            p["bn.weight"],
+            p["bn.bias"],
             training=training,
         )
     return nf.sigmoid(logits)  # (N, 1, H, W)
@@ -183,8 +192,8 @@ def spatial_attention(
         preset["spatial_pooling"] if pooling is None else pooling, "spatial_attention"
     )
     F = check_numpy_input(x, None, "spatial_attention", "x")
-    _check_conv_inputs(params, len(pooling), "spatial_attention", "")
-    M_s = spatial_attention_map(F, params, pooling, training)  # Eq. (3), (N, 1, H, W)
+    p = _spatial_params(params, len(pooling), "spatial_attention")
+    M_s = spatial_attention_map(F, p, pooling, training)  # Eq. (3), (N, 1, H, W)
     out = M_s * F  # Eq. (1), second line, (N, C, H, W)
     return (out, {"M_s": M_s}) if return_maps else out
 
@@ -229,10 +238,11 @@ def cbam(
         spatial_pooling = preset["spatial_pooling"]
     spatial_pooling = parse_pooling(spatial_pooling, "cbam", "spatial_pooling")
     check_choice(arrangement, ARRANGEMENTS, "cbam", "arrangement")
-    channel_params, spatial_params = _sub(params, "channel."), _sub(params, "spatial.")
-    channels = np.asarray(channel_params["reduce.weight"]).shape[1]
-    F = check_numpy_input(x, channels, "cbam", "x")
-    _check_conv_inputs(spatial_params, len(spatial_pooling), "cbam", "spatial.")
+    p = Params.of(params, "cbam")
+    channel_params, spatial_params = p.sub("channel"), p.sub("spatial")
+    spec = Spec().include("channel.", _channel_spec(channel_params))
+    p.check(spec.include("spatial.", _spatial_spec(spatial_params, len(spatial_pooling))))
+    F = check_numpy_input(x, channel_params.shape("reduce.weight")[1], "cbam", "x")
 
     if arrangement == "channel-spatial":
         M_c = channel_attention_map(F, channel_params, pooling)  # Eq. (2), (N, C, 1, 1)
@@ -252,23 +262,46 @@ def cbam(
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers
+# Helpers: the keys of each gate (refimpl._params checks them)
 
 
-def _maybe(a: Any) -> np.ndarray | None:
-    return None if a is None else np.asarray(a)
+def _channel_spec(p: Params) -> Spec:
+    """``ChannelAttention``'s keys: ``reduce.weight`` (C/r, C), ``expand.weight`` (C, C/r),
+    and both biases or neither."""
+    hidden = p.dim(("reduce.weight", 2, 0), ("expand.weight", 2, 1))
+    channels = p.dim(("reduce.weight", 2, 1), ("expand.weight", 2, 0))
+    bias = p.has_any(("reduce.bias", "expand.bias"))
+    spec = Spec().linear("reduce", hidden, channels, bias).linear("expand", channels, hidden, bias)
+    return spec.maybe("reduce.bias", "expand.bias")
 
 
-def _sub(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of ``params`` under ``prefix``, with the prefix removed."""
-    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+def _channel_params(params: Mapping[str, Any], who: str) -> Params:
+    p = Params.of(params, who)
+    p.check(_channel_spec(p))
+    return p
 
 
-def _check_conv_inputs(params: Mapping[str, Any], n_pooled: int, who: str, prefix: str) -> None:
-    """The spatial convolution must read as many maps as there are poolings, odd kernel."""
-    shape = np.shape(params["conv.weight"])
-    if len(shape) != 4 or shape[:2] != (1, n_pooled) or shape[2] != shape[3] or shape[2] % 2 == 0:
+def _spatial_spec(p: Params, n_pooled: int) -> Spec:
+    """``SpatialAttention``'s keys: ``conv.weight`` (1, P, k, k) with odd k for P pooled
+    maps, ``conv.bias`` (1,) if present, and a complete batch norm ``bn.*`` if present."""
+    k = p.dim(("conv.weight", 4, 3))
+    shape = p.shape("conv.weight") if "conv.weight" in p else None
+    if shape is not None and (shape[:2] != (1, n_pooled) or shape[2] != k or k % 2 == 0):
+        want = f"(1, {n_pooled}, {k}, {k})" if k % 2 else f"(1, {n_pooled}, k, k) with odd k"
         raise ValueError(
-            f"{who}: {prefix}conv.weight must have shape (1, {n_pooled}, k, k) with odd k for "
-            f"{n_pooled} pooled map(s), got {shape}"
+            f"{p.who}: params['{p.full('conv.weight')}'] has shape {shape}, expected {want} "
+            f"for {n_pooled} pooled map(s)"
         )
+    spec = Spec().conv("conv", 1, n_pooled, k, bias="conv.bias" in p)
+    bn_keys = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")
+    if p.has_any((*bn_keys, "bn.num_batches_tracked")):
+        spec.batch_norm("bn", 1)
+    else:
+        spec.maybe(*bn_keys)
+    return spec.maybe("conv.bias")
+
+
+def _spatial_params(params: Mapping[str, Any], n_pooled: int, who: str) -> Params:
+    p = Params.of(params, who)
+    p.check(_spatial_spec(p, n_pooled))
+    return p

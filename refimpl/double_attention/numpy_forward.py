@@ -22,10 +22,12 @@ Z = [phi softmax(theta)^T] softmax(rho), (6) the same product associated the oth
 through an hw x hw matrix.
 
 ``params`` is ``DoubleAttention(...).state_dict()`` (any mapping of arrays with the same
-keys): ``phi.*``, ``theta.*``, ``rho.*`` and, when the block has its output convolution,
-``expand.*``. The widths m, n are read from the weights, and whether the convolutions have
-biases and whether there is an output convolution from the keys present. Only
-``residual`` is an option.
+keys), and exactly those keys (a missing, unexpected or misshaped key is an error naming
+the full key, see :mod:`refimpl._params`): ``phi.*``, ``theta.*``, ``rho.*`` and, when the
+block has its output convolution, ``expand.*``. The widths c, m, n are read from the
+weights. Two optional groups are selected by their keys: the output convolution (any
+``expand.*`` key) and the biases (any ``*.bias`` key: then every convolution has one).
+Only ``residual`` is an option.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 
 from refimpl import numpy_functional as nf
 from refimpl._checks import check_numpy_input
+from refimpl._params import Params, Spec
 
 
 def conv1x1(x: np.ndarray, params: Mapping[str, Any], name: str) -> np.ndarray:
@@ -46,11 +49,12 @@ def conv1x1(x: np.ndarray, params: Mapping[str, Any], name: str) -> np.ndarray:
 
     Shape: x (N, c, hw) -> (N, k, hw).
     """
-    weight = np.asarray(params[f"{name}.weight"])  # (k, c, 1, 1)
-    bias = params.get(f"{name}.bias")
+    p = checked_params(params, "conv1x1")
+    weight = p[f"{name}.weight"]  # (k, c, 1, 1)
+    bias = p.get(f"{name}.bias")
     y = np.einsum("kc,ncp->nkp", weight[:, :, 0, 0], x)  # (N, k, hw)
     if bias is not None:
-        y = y + np.asarray(bias)[None, :, None]
+        y = y + bias[None, :, None]
     return y
 
 
@@ -127,11 +131,11 @@ def double_attention(
         The output, (N, c, H, W) (or (N, m, H, W) without the output convolution);
         with ``return_maps``, ``(out, maps)``.
     """
-    channels = np.asarray(params["phi.weight"]).shape[1]
-    X = check_numpy_input(x, channels, "double_attention", "x")
+    params = checked_params(params, "double_attention")
+    X = check_numpy_input(x, params.shape("phi.weight")[1], "double_attention", "x")
     N, c, H, W = X.shape
     has_expand = "expand.weight" in params
-    m = np.asarray(params["phi.weight"]).shape[0]
+    m = params.shape("phi.weight")[0]
     if residual and not has_expand and m != c:
         raise ValueError(
             f"double_attention: residual=True without an output convolution needs m == c, "
@@ -155,3 +159,22 @@ def double_attention(
         "G": G,
     }
     return out, maps
+
+
+def checked_params(params: Mapping[str, Any], who: str) -> Params:
+    """``params`` checked against ``DoubleAttention``'s keys: ``phi.weight`` (m, c, 1, 1),
+    ``theta.weight`` and ``rho.weight`` (n, c, 1, 1), ``expand.weight`` (c, m, 1, 1) if any
+    ``expand.*`` key is there, and a bias for every convolution if any ``*.bias`` is."""
+    p = Params.of(params, who)
+    m = p.dim(("phi.weight", 4, 0), ("expand.weight", 4, 1))
+    c = p.dim(("phi.weight", 4, 1), ("theta.weight", 4, 1), ("rho.weight", 4, 1))
+    n = p.dim(("theta.weight", 4, 0), ("rho.weight", 4, 0))
+    convs = {"phi": (m, c), "theta": (n, c), "rho": (n, c)}
+    if p.has_any(("expand.weight", "expand.bias")):
+        convs["expand"] = (c, m)
+    bias = p.has_any(f"{name}.bias" for name in ("phi", "theta", "rho", "expand"))
+    spec = Spec().maybe("expand.weight", *(f"{name}.bias" for name in (*convs, "expand")))
+    for name, (out_channels, in_channels) in convs.items():
+        spec.conv(name, out_channels, in_channels, 1, bias)
+    p.check(spec)
+    return p

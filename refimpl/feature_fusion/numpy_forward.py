@@ -22,9 +22,11 @@ Glossary (the paper's symbols, Sections 3 and 4; equation numbers of arXiv 2009.
 keys). A context branch has the keys ``conv1.weight`` (C/r, C, 1, 1), ``conv1.bias``,
 ``bn1.weight``, ``bn1.bias``, ``bn1.running_mean``, ``bn1.running_var``, and the same for
 ``conv2`` (C, C/r, 1, 1) and ``bn2``; MS-CAM prefixes them with ``local_att.`` and
-``global_att.``, iAFF's second MS-CAM with ``local_att2.`` and ``global_att2.``. The
-hidden width C/r is read from ``conv1.weight``; whether the convolutions have biases,
-from the keys present.
+``global_att.``, iAFF's second MS-CAM with ``local_att2.`` and ``global_att2.``. The keys
+must be exactly those (a missing, unexpected or misshaped key is an error naming the full
+key, see :mod:`refimpl._params`). The widths C and C/r are read from ``conv1.weight``;
+whether the convolutions have biases from the keys present: if any ``conv*.bias`` key is
+there, every convolution of the module must have one.
 
 ``training=True`` normalises with batch statistics (the running statistics are not
 updated: the functions are pure). The batch norm after global pooling then sees one value
@@ -41,18 +43,36 @@ import numpy as np
 
 from refimpl import numpy_functional as nf
 from refimpl._checks import check_numpy_input, check_same_shape
+from refimpl._params import Params, Spec
 from refimpl.feature_fusion._checks import check_batch_statistics, check_same_dtype
 
-
-def _branch(params: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
-    """The keys of one context branch (``prefix`` removed), as arrays."""
-    out = {k[len(prefix) :]: np.asarray(v) for k, v in params.items() if k.startswith(prefix)}
-    if "conv1.weight" not in out:
-        raise KeyError(f"params has no {prefix}conv1.weight: not the state dict expected here")
-    return out
+_BIASES = ("conv1.bias", "conv2.bias")
 
 
-def _pointwise_bottleneck(x: np.ndarray, p: Mapping[str, np.ndarray], training: bool) -> np.ndarray:
+def _branch_spec(p: Params, bias: bool) -> Spec:
+    """A context branch's keys: ``conv1`` (C/r, C, 1, 1), ``bn1`` (C/r), ``conv2``
+    (C, C/r, 1, 1), ``bn2`` (C), the two convolutions with biases if ``bias``."""
+    hidden = p.dim(("conv1.weight", 4, 0), ("conv2.weight", 4, 1), ("bn1.weight", 1, 0))
+    channels = p.dim(("conv1.weight", 4, 1), ("conv2.weight", 4, 0), ("bn2.weight", 1, 0))
+    spec = Spec().conv("conv1", hidden, channels, 1, bias).batch_norm("bn1", hidden)
+    spec.conv("conv2", channels, hidden, 1, bias).batch_norm("bn2", channels)
+    return spec.maybe(*_BIASES)
+
+
+def _checked(params: Mapping[str, Any], branches: tuple[str, ...], who: str) -> Params:
+    """``params`` checked against the module made of the context ``branches`` (prefixes
+    without the dot; ``""`` for a lone branch); biases in every branch or in none."""
+    p = Params.of(params, who)
+    subs = [p.sub(b) if b else p for b in branches]
+    bias = any(sub.has_any(_BIASES) for sub in subs)
+    spec = Spec()
+    for b, sub in zip(branches, subs, strict=True):
+        spec.include(f"{b}." if b else "", _branch_spec(sub, bias))
+    p.check(spec)
+    return p
+
+
+def _pointwise_bottleneck(x: np.ndarray, p: Params, training: bool) -> np.ndarray:
     r""":math:`B(PWConv_2(\delta(B(PWConv_1(x)))))` on an (N, C, H, W) array."""
     h = nf.conv2d(x, p["conv1.weight"], p.get("conv1.bias"))  # PWConv1, (N, C/r, H, W)
     h = nf.relu(_batch_norm(h, p, "bn1", training))  # delta(B(.))
@@ -60,7 +80,7 @@ def _pointwise_bottleneck(x: np.ndarray, p: Mapping[str, np.ndarray], training: 
     return _batch_norm(h, p, "bn2", training)  # B(.)
 
 
-def _batch_norm(h: np.ndarray, p: Mapping[str, np.ndarray], name: str, training: bool):
+def _batch_norm(h: np.ndarray, p: Params, name: str, training: bool):
     return nf.batch_norm(
         h,
         p[f"{name}.running_mean"],
@@ -85,8 +105,8 @@ def local_context(x: np.ndarray, params: Mapping[str, Any], *, training: bool = 
     Returns:
         L(X), (N, C, H, W).
     """
-    p = _branch(params, "")
-    X = check_numpy_input(x, p["conv1.weight"].shape[1], "local_context", "X")
+    p = _checked(params, ("",), "local_context")
+    X = check_numpy_input(x, p.shape("conv1.weight")[1], "local_context", "X")
     check_batch_statistics(X, training, "local_context", pooled=False)
     return _pointwise_bottleneck(X, p, training)  # Eq. (2), (N, C, H, W)
 
@@ -105,8 +125,8 @@ def global_context(x: np.ndarray, params: Mapping[str, Any], *, training: bool =
     Returns:
         g(X), (N, C, 1, 1).
     """
-    p = _branch(params, "")
-    X = check_numpy_input(x, p["conv1.weight"].shape[1], "global_context", "X")
+    p = _checked(params, ("",), "global_context")
+    X = check_numpy_input(x, p.shape("conv1.weight")[1], "global_context", "X")
     check_batch_statistics(X, training, "global_context")
     pooled = nf.adaptive_avg_pool2d(X, 1)  # Eq. (1), GAP(X), (N, C, 1, 1)
     return _pointwise_bottleneck(pooled, p, training)  # (N, C, 1, 1)
@@ -116,10 +136,17 @@ def attention_weights(
     X: np.ndarray, params: Mapping[str, Any], local: str, glob: str, training: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Eq. (3): :math:`M(X) = \sigma(L(X) \oplus g(X))`, with the branches under the
-    prefixes ``local`` and ``glob``. Returns (L, g, M)."""
-    L = _pointwise_bottleneck(X, _branch(params, local), training)  # Eq. (2), (N, C, H, W)
+    prefixes ``local`` and ``glob`` (``"local_att."``, ``"global_att."``): ``params`` must
+    hold exactly those two branches' keys under them (other keys are not checked here; the
+    forwards of the modules check the whole key set). Returns (L, g, M)."""
+    local, glob = local.rstrip("."), glob.rstrip(".")
+    p = Params.of(params, "attention_weights")
+    bias = p.sub(local).has_any(_BIASES) or p.sub(glob).has_any(_BIASES)
+    for branch in (local, glob):
+        p.sub(branch).check(_branch_spec(p.sub(branch), bias))
+    L = _pointwise_bottleneck(X, p.sub(local), training)  # Eq. (2), (N, C, H, W)
     pooled = nf.adaptive_avg_pool2d(X, 1)  # Eq. (1), (N, C, 1, 1)
-    g = _pointwise_bottleneck(pooled, _branch(params, glob), training)  # (N, C, 1, 1)
+    g = _pointwise_bottleneck(pooled, p.sub(glob), training)  # (N, C, 1, 1)
     M = nf.sigmoid(L + g)  # Eq. (3), g broadcast over positions, (N, C, H, W)
     return L, g, M
 
@@ -142,7 +169,8 @@ def mscam(
     Returns:
         X', same shape as ``x``; with ``return_maps``, ``(X', maps)``.
     """
-    channels = _branch(params, "local_att.")["conv1.weight"].shape[1]
+    params = _checked(params, ("local_att", "global_att"), "mscam")
+    channels = params.shape("local_att.conv1.weight")[1]
     X = check_numpy_input(x, channels, "mscam", "X")
     check_batch_statistics(X, training, "mscam")
     L, g, M = attention_weights(X, params, "local_att.", "global_att.", training)
@@ -176,7 +204,8 @@ def aff(
     Returns:
         Z, same shape as ``x``; with ``return_maps``, ``(Z, maps)``.
     """
-    channels = _branch(params, "local_att.")["conv1.weight"].shape[1]
+    params = _checked(params, ("local_att", "global_att"), "aff")
+    channels = params.shape("local_att.conv1.weight")[1]
     X = check_numpy_input(x, channels, "aff", "X")
     Y = check_numpy_input(y, channels, "aff", "Y")
     check_same_shape(X, Y, "aff")
@@ -219,7 +248,9 @@ def iaff(
     Returns:
         Z, same shape as ``x``; with ``return_maps``, ``(Z, maps)``.
     """
-    channels = _branch(params, "local_att.")["conv1.weight"].shape[1]
+    branches = ("local_att", "global_att", "local_att2")
+    params = _checked(params, branches if share_global else (*branches, "global_att2"), "iaff")
+    channels = params.shape("local_att.conv1.weight")[1]
     X = check_numpy_input(x, channels, "iaff", "X")
     Y = check_numpy_input(y, channels, "iaff", "Y")
     check_same_shape(X, Y, "iaff")

@@ -24,9 +24,13 @@ this; the search tool reached summaries only). The activations are cited by name
 ``params`` is the PyTorch module's ``state_dict()`` (any mapping of arrays with the same
 keys). The structure is read from the keys, so no option repeats what the weights already
 say: the number of units of each group (``pre.unit1``, ``pre.unit2``, ...), the depth of the
-mask branch (``down1`` ... ``downD``) and which levels have a skip connection (``skip{i}``).
-What the keys cannot say is an option with the constructor's name: ``stride``,
-``activation``, ``learning``, ``force_mask``, ``align_corners``.
+mask branch (``down1`` ... ``downD``), r, and which levels have a skip connection
+(``skip{i}``); the widths from the weights. The keys must then be exactly those of the
+module of that structure, in the shapes it implies: a missing, unexpected or misshaped key
+is an error naming the full key (see :mod:`refimpl._params`), so a unit with a missing
+weight is an error, never a unit skipped. What the keys cannot say is an option with the
+constructor's name: ``stride``, ``activation``, ``learning``, ``force_mask``,
+``align_corners``, ``pooling``.
 
 Numerical choices (the same on both sides):
     * f2 divides by ``max(||s_i||, 1e-12)`` (``torch.nn.functional.normalize``): unit norm
@@ -46,6 +50,8 @@ import numpy as np
 
 from refimpl import numpy_functional as nf
 from refimpl._checks import check_choice, check_numpy_input
+from refimpl._params import Params, Spec
+from refimpl.residual_attention._pooling import MAX_POOL, check_pooling, check_pooling_size
 
 ACTIVATIONS = ("mixed", "channel", "spatial")
 LEARNINGS = ("arl", "nal")
@@ -56,40 +62,120 @@ SPATIAL_EPS = 1e-5
 
 
 # ---------------------------------------------------------------------------------------
-# Helpers: reading the state dict
+# Helpers: the structure and keys of each module (refimpl._params checks them)
 
 
-def _sub(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of ``params`` under ``prefix.``, with the prefix removed."""
-    start = prefix + "."
-    return {k[len(start) :]: v for k, v in params.items() if k.startswith(start)}
+def _count(p: Params, group: str) -> int:
+    """How many units ``group.unit1``, ``group.unit2``, ... the keys name (the highest j)."""
+    return max(p.sub(group).indices("unit"), default=0)
 
 
-def _count(params: Mapping[str, Any], pattern: str) -> int:
-    """How many of ``pattern.format(1)``, ``pattern.format(2)``, ... are keys, in a row."""
-    n = 0
-    while pattern.format(n + 1) in params:
-        n += 1
-    return n
+def _unit_spec(p: Params, stride: int = 1, channels: int | None = None) -> Spec:
+    """``ResidualUnit``'s keys: ``bn1`` (C_in), ``conv1`` (C_h, C_in, 1, 1), ``bn2``, ``conv2``
+    (C_h, C_h, 3, 3), ``bn3`` (C_h), ``conv3`` (C_out, C_h, 1, 1), and ``shortcut``
+    (C_out, C_in, 1, 1) exactly when the unit strides or changes width. ``channels``: C_in =
+    C_out given (a unit of a group), else read from the weights."""
+    if channels is None:
+        c_in = p.dim(("conv1.weight", 4, 1), ("bn1.weight", 1, 0), ("shortcut.weight", 4, 1))
+        c_out = p.dim(("conv3.weight", 4, 0), ("shortcut.weight", 4, 0), default=c_in)
+    else:
+        c_in = c_out = channels
+    hidden = p.dim(
+        ("conv1.weight", 4, 0),
+        ("conv2.weight", 4, 0),
+        ("conv3.weight", 4, 1),
+        ("bn2.weight", 1, 0),
+        default=max(1, c_out // 4),  # ResidualUnit's default width
+    )
+    spec = Spec().batch_norm("bn1", c_in).conv("conv1", hidden, c_in, 1, False)
+    spec.batch_norm("bn2", hidden).conv("conv2", hidden, hidden, 3, False)
+    spec.batch_norm("bn3", hidden).conv("conv3", c_out, hidden, 1, False)
+    if stride != 1 or c_out != c_in:
+        spec.conv("shortcut", c_out, c_in, 1, False)
+        spec.note(
+            "shortcut.weight",
+            f"a unit with stride {stride} from {c_in} to {c_out} channels has a projection "
+            "shortcut",
+        )
+    return spec
 
 
-def _bn_relu(x: np.ndarray, params: Mapping[str, Any], name: str, training: bool) -> np.ndarray:
+def _group_spec(p: Params, group: str, count: int, channels: int) -> Spec:
+    """The keys of ``count`` units of width ``channels`` under ``group``."""
+    spec = Spec()
+    for j in range(1, count + 1):
+        spec.include(f"{group}.unit{j}.", _unit_spec(p.sub(f"{group}.unit{j}"), 1, channels))
+    return spec
+
+
+def _head_spec(p: Params) -> Spec:
+    """``MaskHead``'s keys: ``bn1``, ``conv1`` (C, C, 1, 1), ``bn2``, ``conv2`` (C, C, 1, 1)."""
+    c = p.dim(("conv1.weight", 4, 1), ("conv1.weight", 4, 0), ("conv2.weight", 4, 0))
+    spec = Spec().batch_norm("bn1", c).conv("conv1", c, c, 1, False)
+    return spec.batch_norm("bn2", c).conv("conv2", c, c, 1, False)
+
+
+def _mask_structure(p: Params) -> dict[str, int]:
+    """The channels C, depth D, r and skips of a ``SoftMaskBranch`` read from its keys.
+
+    D is the highest ``down{i}``; r the largest count the groups imply (r units per level,
+    2r at the deepest, r per ``up{i}``), so that a group with a unit short is reported as
+    missing keys; skips the highest ``skip{i}``.
+    """
+    channels = p.dim(("head.conv1.weight", 4, 1), ("head.conv2.weight", 4, 0))
+    depth = max(p.indices("down"), default=1)
+    counts = [_count(p, f"down{i}") for i in range(1, depth)]
+    counts += [-(-_count(p, f"down{depth}") // 2)]
+    counts += [_count(p, f"up{i}") for i in range(1, depth)]
+    skips = max(p.indices("skip"), default=0)
+    return {"channels": channels, "depth": depth, "r": max(1, *counts), "skips": skips}
+
+
+def _mask_spec(p: Params, structure: dict[str, int]) -> Spec:
+    """``SoftMaskBranch``'s keys for ``structure`` (see :func:`_mask_structure`). Skips beyond
+    depth - 1 are not part of it (then reported as unexpected)."""
+    c, depth, r = structure["channels"], structure["depth"], structure["r"]
+    spec = Spec()
+    for i in range(1, depth + 1):
+        spec.include("", _group_spec(p, f"down{i}", 2 * r if i == depth else r, c))
+    for i in range(1, min(structure["skips"], depth - 1) + 1):
+        spec.include(f"skip{i}.", _unit_spec(p.sub(f"skip{i}"), 1, c))
+    for i in range(1, depth):
+        spec.include("", _group_spec(p, f"up{i}", r, c))
+    return spec.include("head.", _head_spec(p.sub("head")))
+
+
+def _module_structure(p: Params) -> dict[str, int]:
+    """The channels C, p and t of an ``AttentionModule`` read from its keys."""
+    channels = p.dim(("mask.head.conv1.weight", 4, 1), ("mask.head.conv2.weight", 4, 0))
+    return {
+        "channels": channels,
+        "p": max(_count(p, "pre"), _count(p, "post")),
+        "t": _count(p, "trunk"),
+    }
+
+
+def _bn_relu(x: np.ndarray, p: Params, name: str, training: bool) -> np.ndarray:
     """Batch norm ``name`` then ReLU: the pre-activation of every convolution here."""
     y = nf.batch_norm(
         x,
-        np.asarray(params[f"{name}.running_mean"]),
-        np.asarray(params[f"{name}.running_var"]),
-        np.asarray(params[f"{name}.weight"]),
-        np.asarray(params[f"{name}.bias"]),
+        p[f"{name}.running_mean"],
+        p[f"{name}.running_var"],
+        p[f"{name}.weight"],
+        p[f"{name}.bias"],
         training=training,
     )
     return nf.relu(y)
 
 
-def _units(x: np.ndarray, params: Mapping[str, Any], group: str, training: bool) -> np.ndarray:
-    """The residual units ``group.unit1``, ``group.unit2``, ... applied in order (none: x)."""
-    for j in range(1, _count(params, group + ".unit{}.conv1.weight") + 1):
-        x = residual_unit(x, _sub(params, f"{group}.unit{j}"), training=training)
+def _units(
+    x: np.ndarray, p: Mapping[str, Any], group: str, training: bool, count: int | None = None
+) -> np.ndarray:
+    """The residual units ``group.unit1`` ... ``group.unit{count}`` in order (none: x);
+    ``count`` None: as many as the keys name."""
+    p = Params.of(p, "_units")
+    for j in range(1, (_count(p, group) if count is None else count) + 1):
+        x = _residual_unit(x, p.sub(f"{group}.unit{j}"), 1, training)
     return x
 
 
@@ -122,25 +208,29 @@ def residual_unit(
     Returns:
         (N, C_out, ceil(H / stride), ceil(W / stride)); with ``return_maps``, ``(y, maps)``.
     """
-    in_channels = np.asarray(params["conv1.weight"]).shape[1]
-    x = check_numpy_input(x, in_channels, "residual_unit", "x")
-    a = _bn_relu(x, params, "bn1", training)  # pre-activation, (N, C_in, H, W)
-    f = nf.conv2d(a, np.asarray(params["conv1.weight"]))  # 1x1, (N, C_hidden, H, W)
-    f = _bn_relu(f, params, "bn2", training)
-    f = nf.conv2d(f, np.asarray(params["conv2.weight"]), stride=stride, padding=1)  # 3x3
-    f = _bn_relu(f, params, "bn3", training)
-    f = nf.conv2d(f, np.asarray(params["conv3.weight"]))  # 1x1, (N, C_out, H', W')
-    if "shortcut.weight" in params:
-        s = nf.conv2d(a, np.asarray(params["shortcut.weight"]), stride=stride)  # projection
-    elif stride != 1 or f.shape[1] != in_channels:
-        raise ValueError(
-            f"residual_unit with stride {stride} from {in_channels} to {f.shape[1]} channels "
-            "needs a projection shortcut, and params has no 'shortcut.weight'"
-        )
+    p = Params.of(params, "residual_unit")
+    p.check(_unit_spec(p, stride))
+    x = check_numpy_input(x, p.shape("conv1.weight")[1], "residual_unit", "x")
+    y, f = _residual_unit(x, p, stride, training, with_branch=True)
+    return (y, {"F": f}) if return_maps else y
+
+
+def _residual_unit(
+    x: np.ndarray, p: Params, stride: int, training: bool, with_branch: bool = False
+) -> Any:
+    """:func:`residual_unit` on checked params: y, or (y, F) ``with_branch``."""
+    a = _bn_relu(x, p, "bn1", training)  # pre-activation, (N, C_in, H, W)
+    f = nf.conv2d(a, p["conv1.weight"])  # 1x1, (N, C_hidden, H, W)
+    f = _bn_relu(f, p, "bn2", training)
+    f = nf.conv2d(f, p["conv2.weight"], stride=stride, padding=1)  # 3x3
+    f = _bn_relu(f, p, "bn3", training)
+    f = nf.conv2d(f, p["conv3.weight"])  # 1x1, (N, C_out, H', W')
+    if "shortcut.weight" in p:
+        s = nf.conv2d(a, p["shortcut.weight"], stride=stride)  # projection
     else:
         s = x  # identity
     y = s + f
-    return (y, {"F": f}) if return_maps else y
+    return (y, f) if with_branch else y
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,10 +281,11 @@ def mask_head(
         M, (N, C, H, W); with ``return_maps``, ``(M, maps)``.
     """
     check_choice(activation, ACTIVATIONS, "mask_head", "activation")
-    channels = np.asarray(params["conv1.weight"]).shape[1]
-    x = check_numpy_input(x, channels, "mask_head", "x")
-    s = nf.conv2d(_bn_relu(x, params, "bn1", training), np.asarray(params["conv1.weight"]))
-    s = nf.conv2d(_bn_relu(s, params, "bn2", training), np.asarray(params["conv2.weight"]))
+    p = Params.of(params, "mask_head")
+    p.check(_head_spec(p))
+    x = check_numpy_input(x, p.shape("conv1.weight")[1], "mask_head", "x")
+    s = nf.conv2d(_bn_relu(x, p, "bn1", training), p["conv1.weight"])
+    s = nf.conv2d(_bn_relu(s, p, "bn2", training), p["conv2.weight"])
     M = mask_activation(s, activation)  # f1 / f2 / f3, (N, C, H, W)
     return (M, {"s": s, "M": M}) if return_maps else M
 
@@ -214,15 +305,16 @@ def soft_mask_branch(
     *,
     activation: str = "mixed",
     align_corners: bool = True,
+    pooling: str = "paper",
     training: bool = False,
     return_maps: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
     r"""The soft mask branch M(x) (Sec. 3.2, Fig. 3): bottom-up, top-down, head.
 
-    Bottom-up, level i = 1 .. D: max pooling 3x3, stride 2, padding 1, then the units
-    ``down{i}`` (r of them; 2r at the deepest level, D). Top-down, level i = D-1 .. 1: the
-    deeper result is upsampled bilinearly to *exactly* the size of the bottom-up feature
-    of level i (so any input size works, odd ones included), the skip connection
+    Bottom-up, level i = 1 .. D: max pooling 3x3, stride 2 (padding 1; see ``pooling``),
+    then the units ``down{i}`` (r of them; 2r at the deepest level, D). Top-down, level
+    i = D-1 .. 1: the deeper result is upsampled bilinearly to *exactly* the size of the
+    bottom-up feature of level i (so any input size works, odd ones included), the skip connection
     ``skip{i}`` (a residual unit on that bottom-up feature, where present) is added, and
     the units ``up{i}`` follow. A last upsampling returns to the input's size; the head
     (:func:`mask_head`) makes the mask.
@@ -233,40 +325,59 @@ def soft_mask_branch(
         activation: f1 ``"mixed"``, f2 ``"channel"`` or f3 ``"spatial"``.
         align_corners: bilinear upsampling mapping corner pixels onto each other (True,
             as the official model definition's Interp layer) or pixel centres (False).
+        pooling: ``"paper"`` (3x3, stride 2, padding 1, floor rounding; any size) or
+            ``"caffe"`` (3x3, stride 2, no padding, ceil rounding, as the official prototxt;
+            needs H, W >= 2^D). See ``refimpl/residual_attention/_pooling.py``.
         training: batch norm with batch statistics (True) or running statistics.
         return_maps: also return ``{"s": logits, "M": mask}``.
 
     Returns:
         M, (N, C, H, W); with ``return_maps``, ``(M, maps)``.
+
+    Deviations:
+        The official prototxt pools without padding and with Caffe's ceil rounding
+        (``pooling="caffe"``); the default pools with padding 1 as PyTorch ports do. The
+        sizes agree at even sizes, the windows sit one pixel apart; in Attention-56 with
+        the same weights the two change the logits by about 0.4 relative.
     """
     check_choice(activation, ACTIVATIONS, "soft_mask_branch", "activation")
-    channels = np.asarray(params["head.conv1.weight"]).shape[1]
-    x = check_numpy_input(x, channels, "soft_mask_branch", "x")
-    depth = _count(params, "down{}.unit1.conv1.weight")
+    check_pooling(pooling, "soft_mask_branch")
+    p = Params.of(params, "soft_mask_branch")
+    structure = _mask_structure(p)
+    p.check(_mask_spec(p, structure))
+    x = check_numpy_input(x, structure["channels"], "soft_mask_branch", "x")
+    check_pooling_size(x.shape[2:], structure["depth"], pooling, "soft_mask_branch")
+    h = _soft_mask_features(x, p, structure, align_corners, pooling, training)
+    return mask_head(
+        h, p.sub("head"), activation=activation, training=training, return_maps=return_maps
+    )
 
+
+def _soft_mask_features(
+    x: np.ndarray,
+    p: Params,
+    structure: dict[str, int],
+    align_corners: bool,
+    pooling: str,
+    training: bool,
+) -> np.ndarray:
+    """Bottom-up and top-down on checked params: the head's input, (N, C, H, W)."""
+    depth, r, skips = structure["depth"], structure["r"], structure["skips"]
     # Bottom-up: features[i - 1] is the result of level i, each half the size of the last.
     features = []
     h = x
     for i in range(1, depth + 1):
-        h = nf.max_pool2d(h, kernel_size=3, stride=2, padding=1)  # (N, C, ceil(H/2), ...)
-        h = _units(h, params, f"down{i}", training)
+        h = nf.max_pool2d(h, **MAX_POOL[pooling])  # (N, C, ceil(H/2), ...) with "paper"
+        h = _units(h, p, f"down{i}", training, 2 * r if i == depth else r)
         features.append(h)
 
     # Top-down: back up one level at a time, adding each level's skip connection.
     for i in range(depth - 1, 0, -1):
         h = _upsample(h, features[i - 1], align_corners)  # to level i's exact size
-        if f"skip{i}.conv1.weight" in params:
-            h = h + residual_unit(features[i - 1], _sub(params, f"skip{i}"), training=training)
-        h = _units(h, params, f"up{i}", training)
-    h = _upsample(h, x, align_corners)  # (N, C, H, W)
-
-    return mask_head(
-        h,
-        _sub(params, "head"),
-        activation=activation,
-        training=training,
-        return_maps=return_maps,
-    )
+        if i <= skips:
+            h = h + _residual_unit(features[i - 1], p.sub(f"skip{i}"), 1, training)
+        h = _units(h, p, f"up{i}", training, r)
+    return _upsample(h, x, align_corners)  # (N, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,6 +392,7 @@ def attention_module(
     learning: str = "arl",
     force_mask: float | None = None,
     align_corners: bool = True,
+    pooling: str = "paper",
     training: bool = False,
     return_maps: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -294,6 +406,9 @@ def attention_module(
         force_mask: if not None, M is this constant and the mask branch is not run
             (``force_mask=0.0`` with ARL gives H = T exactly: the paper's identity argument).
         align_corners: the mask branch's bilinear upsampling (see :func:`soft_mask_branch`).
+        pooling: the mask branch's max pooling, ``"paper"`` (padding 1) or ``"caffe"`` (no
+            padding, ceil rounding: the official prototxt; needs H, W >= 2^depth unless
+            ``force_mask`` skips the branch); see :func:`soft_mask_branch`.
         training: batch norm with batch statistics (True) or running statistics.
         return_maps: also return ``{"T": T, "M": M, "H": H}``.
 
@@ -302,20 +417,23 @@ def attention_module(
     """
     check_choice(activation, ACTIVATIONS, "attention_module", "activation")
     check_choice(learning, LEARNINGS, "attention_module", "learning")
-    channels = np.asarray(params["mask.head.conv1.weight"]).shape[1]
-    x = check_numpy_input(x, channels, "attention_module", "x")
-    x = _units(x, params, "pre", training)  # p units, shared by both branches
-    T = _units(x, params, "trunk", training)  # trunk branch, t units
+    check_pooling(pooling, "attention_module")
+    p = Params.of(params, "attention_module")
+    structure, mask = _module_structure(p), _mask_structure(p.sub("mask"))
+    c, units = structure["channels"], structure["p"]
+    spec = _group_spec(p, "pre", units, c).include("", _group_spec(p, "trunk", structure["t"], c))
+    spec.include("", _group_spec(p, "post", units, c))
+    p.check(spec.include("mask.", _mask_spec(p.sub("mask"), mask)))
+    x = check_numpy_input(x, c, "attention_module", "x")
     if force_mask is None:
-        M = soft_mask_branch(
-            x,
-            _sub(params, "mask"),
-            activation=activation,
-            align_corners=align_corners,
-            training=training,
-        )
+        check_pooling_size(x.shape[2:], mask["depth"], pooling, "attention_module")
+    x = _units(x, p, "pre", training, units)  # p units, shared by both branches
+    T = _units(x, p, "trunk", training, structure["t"])  # trunk branch, t units
+    if force_mask is None:
+        h = _soft_mask_features(x, p.sub("mask"), mask, align_corners, pooling, training)
+        M = mask_head(h, p.sub("mask.head"), activation=activation, training=training)
     else:
         M = np.full_like(T, force_mask)  # the hook: a constant mask
     H = (1 + M) * T if learning == "arl" else M * T  # Eq. (3) / Eq. (1)
-    out = _units(H, params, "post", training)  # p units
+    out = _units(H, p, "post", training, units)  # p units
     return (out, {"T": T, "M": M, "H": H}) if return_maps else out

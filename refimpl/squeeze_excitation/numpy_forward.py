@@ -11,8 +11,10 @@ Glossary (the paper's symbols, Section 3):
     x~  the output, Eq. (4): each channel u_c scaled by s_c    (N, C, H, W)
 
 ``params`` is ``SqueezeExcitation(...).state_dict()`` (any mapping of arrays with the
-same keys). The hidden width C/r is read from ``reduce.weight``; whether the two fully
-connected layers have biases is read from the keys present.
+same keys), and exactly those keys (a missing, unexpected or misshaped key is an error,
+see :mod:`refimpl._params`). The width C and the hidden width C/r are read from
+``reduce.weight``; whether the two fully connected layers have biases is read from the
+keys present: ``reduce.bias`` and ``expand.bias`` together, or neither.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from refimpl import numpy_functional as nf
 from refimpl._checks import check_choice, check_numpy_input
+from refimpl._params import Params, Spec
 
 POOLINGS = ("avg", "max")
 GATES = ("sigmoid", "tanh", "relu")
@@ -51,10 +54,11 @@ def excitation(z: np.ndarray, params: Mapping[str, Any], gate: str = "sigmoid") 
     Shape: z (N, C) -> s (N, C).
     """
     check_choice(gate, GATES, "excitation", "gate")
-    W1, b1 = np.asarray(params["reduce.weight"]), params.get("reduce.bias")
-    W2, b2 = np.asarray(params["expand.weight"]), params.get("expand.bias")
-    hidden = nf.relu(nf.linear(z, W1, _maybe(b1)))  # delta(W1 z), (N, C/r)
-    logits = nf.linear(hidden, W2, _maybe(b2))  # W2 delta(W1 z), (N, C)
+    p = checked_params(params, "excitation")
+    W1, b1 = p["reduce.weight"], p.get("reduce.bias")
+    W2, b2 = p["expand.weight"], p.get("expand.bias")
+    hidden = nf.relu(nf.linear(z, W1, b1))  # delta(W1 z), (N, C/r)
+    logits = nf.linear(hidden, W2, b2)  # W2 delta(W1 z), (N, C)
     if gate == "sigmoid":
         return nf.sigmoid(logits)
     if gate == "tanh":
@@ -93,13 +97,21 @@ def squeeze_excitation(
     Returns:
         :math:`\tilde{X}`, same shape as ``x``; with ``return_maps``, ``(x~, maps)``.
     """
-    channels = np.asarray(params["reduce.weight"]).shape[1]
-    u = check_numpy_input(x, channels, "squeeze_excitation", "x")
+    p = checked_params(params, "squeeze_excitation")
+    u = check_numpy_input(x, p.shape("reduce.weight")[1], "squeeze_excitation", "x")
     z = squeeze(u, pooling)  # Eq. (2), (N, C)
-    s = excitation(z, params, gate)  # Eq. (3), (N, C)
+    s = excitation(z, p, gate)  # Eq. (3), (N, C)
     out = scale(u, s)  # Eq. (4), (N, C, H, W)
     return (out, {"z": z, "s": s}) if return_maps else out
 
 
-def _maybe(a: Any) -> np.ndarray | None:
-    return None if a is None else np.asarray(a)
+def checked_params(params: Mapping[str, Any], who: str) -> Params:
+    """``params`` checked against the keys of ``SqueezeExcitation``: ``reduce.weight``
+    (C/r, C), ``expand.weight`` (C, C/r), and both biases or neither."""
+    p = Params.of(params, who)
+    hidden = p.dim(("reduce.weight", 2, 0), ("expand.weight", 2, 1), ("reduce.bias", 1, 0))
+    channels = p.dim(("reduce.weight", 2, 1), ("expand.weight", 2, 0), ("expand.bias", 1, 0))
+    bias = p.has_any(("reduce.bias", "expand.bias"))  # the biases come as a pair
+    spec = Spec().linear("reduce", hidden, channels, bias).maybe("reduce.bias", "expand.bias")
+    p.check(spec.linear("expand", channels, hidden, bias))
+    return p
