@@ -200,6 +200,82 @@ def test_agrees_at_the_smallest_shapes(comp, training):
             assert_agrees(comp, Case(opts, shape, 0, training), "cpu", torch.float64)
 
 
+#: Cases found by Hypothesis (the thorough profile) or chosen by hand in the per-paper
+#: files before this contract test, kept as regression cases: (component, options, shape,
+#: seed, training, dtype). The builders make the same modules and inputs the per-paper
+#: files made from the same seeds.
+_RA = {"r": 1, "depth": 3, "skips": 2, "activation": "spatial", "align_corners": True}
+_AM = {"p": 1, "t": 2, "r": 1, "depth": 3, "skips": 2, "activation": "mixed", "learning": "arl"}
+FOUND = [
+    ("residual_unit", {"out_channels": None, "stride": 1}, (2, 1, 1, 1), 0, True, "float64"),
+    ("residual_unit", {"out_channels": 8, "stride": 2}, (2, 3, 1, 1), 0, False, "float64"),
+    ("mask_head", {"activation": "spatial"}, (2, 1, 1, 1), 0, False, "float64"),
+    ("soft_mask_branch", _RA, (2, 3, 1, 1), 0, True, "float64"),
+    (
+        "soft_mask_branch",
+        {**_RA, "r": 2, "skips": 1, "activation": "channel", "align_corners": False},
+        (1, 2, 17, 2),
+        1,
+        False,
+        "float64",
+    ),
+    (
+        "attention_module",
+        {**_AM, "force_mask": None, "align_corners": True},
+        (2, 1, 1, 1),
+        0,
+        True,
+        "float64",
+    ),
+    (  # f2, thorough profile: 5.8e-4 off where the sensitivity is 3.6e-5
+        "attention_module",
+        {
+            **_AM,
+            "t": 0,
+            "r": 2,
+            "skips": 1,
+            "activation": "channel",
+            "force_mask": None,
+            "align_corners": False,
+        },
+        (2, 2, 9, 10),
+        15,
+        True,
+        "float32",
+    ),  # fmt: skip
+    (  # f3, thorough profile: 3.5e-4 off where the sensitivity is 2.3e-4
+        "attention_module",
+        {
+            **_AM,
+            "p": 2,
+            "r": 2,
+            "skips": 0,
+            "activation": "spatial",
+            "learning": "nal",
+            "force_mask": None,
+            "align_corners": False,
+        },
+        (3, 10, 11, 9),
+        64939922,
+        True,
+        "float32",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(
+    "name, options, shape, seed, training, dtype",
+    FOUND,
+    ids=[f"{f[0]}-{i}" for i, f in enumerate(FOUND)],
+)
+def test_agrees_on_found_cases(name, options, shape, seed, training, dtype):
+    comp = BY_NAME[name]
+    assert comp.valid(options, shape, training), "a found case outside the declared space"
+    for key, value in options.items():
+        assert value in comp.option_space[key], f"{key}={value!r} not in the option space"
+    assert_agrees(comp, Case(options, shape, seed, training), "cpu", getattr(torch, dtype))
+
+
 # ---------------------------------------------------------------------------------------
 # What a PyTorch module promises
 
@@ -375,17 +451,24 @@ def test_reset_parameters_reinitialises_every_parameter(comp):
 
 @each()
 def test_extra_repr_names_channels_and_options(comp):
-    """``extra_repr`` says the width and every non-default string option."""
+    """``extra_repr`` says the width, and every option it names has the value given
+    (``name=value``); every non-default string option appears (a preset such as
+    ``variant`` resolves into the options it sets); a hidden width it names is C // r."""
     for opts in covering_options(comp, fixed_shape(comp, c=13), False):
         module = comp.module(13, **opts)
         text = module.extra_repr()
         assert "13" in text, f"{comp.name}: {text!r}"
         defaults = inspect.signature(comp.module).parameters
         for name, value in opts.items():
+            if f"{name}=" in text and value is not None:
+                assert f"{name}={value!r}" in text, f"{comp.name}: {name}={value!r} in {text!r}"
             default = defaults[name].default if name in defaults else None
-            stored = getattr(module, name, None) == value and name != "variant"  # a preset
+            stored = getattr(module, name, None) == value and name != "variant"
             if isinstance(value, str) and value != default and stored:
-                assert repr(value) in text or value in text, f"{comp.name}: {value!r} in {text!r}"
+                assert repr(value) in text, f"{comp.name}: {value!r} in {text!r}"
+        if "reduction" in opts and "hidden_channels=" in text:
+            width = hidden_width(13, opts["reduction"])
+            assert f"hidden_channels={width}" in text, f"{comp.name}: {text!r}"
 
 
 @each()

@@ -121,7 +121,8 @@ def _seeded(space: dict, build, seed: int) -> Example:
     positions: batch norm in training mode then normalises 18 or more values per channel
     at every level. With 2 to 8 values a channel is often nearly constant, and float32's
     cancellation in x - mean grows beyond any fixed tolerance (the contract test covers
-    1x1 levels, with a tolerance that measures the example's conditioning)."""
+    1x1 levels, with a tolerance that measures the example's conditioning). f2 heads get
+    their logits kept off zero (``keep_channel_logits_off_zero_``)."""
     rng = np.random.default_rng(seed)
     shapes = UNIT_SHAPES if "stride" in space else SHAPE_SPACE
     while True:
@@ -131,7 +132,10 @@ def _seeded(space: dict, build, seed: int) -> Example:
         c = int(rng.integers(shapes["C"][0], shapes["C"][1] + 1))
         shape = (int(rng.integers(2, 4)), c, int(hw[0]), int(hw[1]))
         if valid(options, shape, True):
-            return build(options, shape, seed)
+            example = build(options, shape, seed)
+            if options.get("activation") == "channel":
+                keep_channel_logits_off_zero_(example.module)
+            return example
 
 
 def keep_channel_logits_off_zero_(module: torch.nn.Module, shift: float = 4.0) -> None:
@@ -155,8 +159,6 @@ def _build(cls: type):
 
     def build(options: dict, shape: tuple[int, ...], seed: int) -> Example:
         module = randomize_(cls(shape[1], **options).double(), seed).eval()
-        if options.get("activation") == "channel":
-            keep_channel_logits_off_zero_(module)
         numpy_options = {k: v for k, v in options.items() if k in _NUMPY_OPTIONS}
         return Example(module, (random_input(shape, seed + 1),), numpy_options)
 
