@@ -51,6 +51,7 @@ parameters, as the papers do (running statistics are buffers, not counted).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -124,6 +125,29 @@ def _fusion_factory(
     raise TypeError(f"{who}: fusion must be a name, a callable or None, got {spec!r}")
 
 
+def _build(
+    factory: Callable[..., nn.Module] | None, channels: int, fk: Mapping[str, Any]
+) -> nn.Module | None:
+    """``factory(channels)``, passing ``device=`` and ``dtype=`` where they are given.
+
+    A factory that does not take them (a plain ``channels -> module`` callable) builds the
+    module with PyTorch's defaults, then moves it (every refimpl module takes them).
+    """
+    if factory is None:
+        return None
+    given = {k: v for k, v in fk.items() if v is not None}
+    if not given:
+        return factory(channels)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read: try the keywords
+        params = {"device": None, "dtype": None}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_all or all(k in params for k in given):
+        return factory(channels, **given)
+    return factory(channels).to(**given)
+
+
 class Downsample(nn.Module):
     """The projection shortcut: a 1x1 convolution and batch norm (option B of ResNet).
 
@@ -131,15 +155,25 @@ class Downsample(nn.Module):
         in_channels: channels of the block's input.
         out_channels: channels of the block's output, 4w.
         stride: the block's stride.
+        device, dtype: where and of which dtype parameters and buffers are created.
 
     Shape:
         Input (N, in_channels, H, W); output (N, out_channels, ceil(H/stride), ceil(W/stride)).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
+        fk = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, **fk)
+        self.bn = nn.BatchNorm2d(out_channels, **fk)
 
     def reset_parameters(self) -> None:
         """Kaiming-normal convolution, batch norm weight 1 and bias 0."""
@@ -168,6 +202,8 @@ class Bottleneck(nn.Module):
             residual)``; a registry name of a two-input component or a factory
             ``channels -> module``.
         fusion_options: keyword arguments for building ``fusion``.
+        device, dtype: where and of which dtype parameters and buffers are created, as
+            in ``torch.nn`` layers; passed on to the attention and fusion factories.
 
     Shape:
         Input (N, C, H, W); output (N, 4w, H', W') with H' = ceil(H / stride) (same for W).
@@ -184,8 +220,11 @@ class Bottleneck(nn.Module):
         attention_options: Mapping[str, Any] | None = None,
         fusion: ModuleSpec = None,
         fusion_options: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         check_positive_int(in_channels, "Bottleneck", "in_channels")
         check_positive_int(width, "Bottleneck", "width")
         check_positive_int(stride, "Bottleneck", "stride")
@@ -193,20 +232,20 @@ class Bottleneck(nn.Module):
         out_channels = EXPANSION * width
         self.in_channels, self.width, self.stride, self.layout = in_channels, width, stride, layout
         stride1, stride2 = (stride, 1) if layout == "v1" else (1, stride)
-        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride1, bias=False, **fk)
+        self.bn1 = nn.BatchNorm2d(width, **fk)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride2, padding=1, bias=False, **fk)
+        self.bn2 = nn.BatchNorm2d(width, **fk)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False, **fk)
+        self.bn3 = nn.BatchNorm2d(out_channels, **fk)
         self.relu = nn.ReLU()  # not in place: a fusion may return its input X unchanged
         make_attention = _attention_factory(attention, attention_options, "Bottleneck")
         make_fusion = _fusion_factory(fusion, fusion_options, "Bottleneck")
-        self.attention = None if make_attention is None else make_attention(out_channels)
+        self.attention = _build(make_attention, out_channels, fk)
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
-            self.downsample = Downsample(in_channels, out_channels, stride)
-        self.fusion = None if make_fusion is None else make_fusion(out_channels)
+            self.downsample = Downsample(in_channels, out_channels, stride, **fk)
+        self.fusion = _build(make_fusion, out_channels, fk)
         self.reset_parameters()
 
     @property
@@ -269,6 +308,9 @@ class ResNet(nn.Module):
         fusion_options: keyword arguments for building ``fusion``.
         fusion_stages: the stages, numbered from 1, whose blocks use ``fusion``; AFF
             uses the last two, (3, 4).
+        device, dtype: where and of which dtype parameters and buffers are created, as
+            in ``torch.nn`` layers (``device="meta"`` allocates nothing;
+            ``torch.nn.utils.skip_init(ResNet, ...)`` works).
 
     Shape:
         Input (N, in_channels, H, W), any N, H, W >= 1, any floating dtype and device;
@@ -289,8 +331,11 @@ class ResNet(nn.Module):
         fusion: ModuleSpec = None,
         fusion_options: Mapping[str, Any] | None = None,
         fusion_stages: Iterable[int] = (3, 4),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         layers, widths, fusion_stages = tuple(layers), tuple(widths), tuple(fusion_stages)
         check_choice(layout, LAYOUTS, "ResNet", "layout")
         check_positive_int(num_classes, "ResNet", "num_classes")
@@ -312,8 +357,8 @@ class ResNet(nn.Module):
         self.fusion_stages = fusion_stages if fusion is not None else ()
 
         stem = widths[0]
-        self.conv1 = nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
+        self.conv1 = nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False, **fk)
+        self.bn1 = nn.BatchNorm2d(stem, **fk)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         channels = stem
@@ -329,12 +374,13 @@ class ResNet(nn.Module):
                     attention_options=attention_options,
                     fusion=fusion if stage in self.fusion_stages else None,
                     fusion_options=fusion_options if stage in self.fusion_stages else None,
+                    **fk,
                 )
                 stage_blocks.append(block)
                 channels = block.out_channels
             self.add_module(f"layer{stage}", nn.Sequential(*stage_blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(channels, num_classes, **fk)
         self.num_features = channels
         self.reset_parameters()
 

@@ -69,6 +69,7 @@ class BAMResNet(ResNet):
         dilation: d of every BAM (paper: 4).
         norm: ``"output"`` (paper) or ``"hidden"`` (official code), see :class:`BAM`.
         combine: ``"sum"`` (paper) or ``"product"`` (official code).
+        device, dtype: where and of which dtype the parameters (and buffers) are created.
         **kwargs: further arguments of :class:`~refimpl.backbones.ResNet` (``layout``,
             ``in_channels``, ``widths``, ...); not ``attention`` or ``fusion``, which place
             modules inside the blocks.
@@ -88,6 +89,8 @@ class BAMResNet(ResNet):
         dilation: int = 4,
         norm: str = "output",
         combine: str = "sum",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         for name in ("attention", "attention_options", "fusion", "fusion_options"):
@@ -96,7 +99,7 @@ class BAMResNet(ResNet):
                     f"BAMResNet: {name} places modules inside the blocks; BAM sits between "
                     "the stages (bam_stages). Build refimpl.backbones.ResNet for another one."
                 )
-        super().__init__(layers, num_classes, **kwargs)
+        super().__init__(layers, num_classes, device=device, dtype=dtype, **kwargs)
         bam_stages = tuple(bam_stages)
         if not set(bam_stages) <= {1, 2, 3, 4}:
             raise ValueError(f"BAMResNet: bam_stages are numbered 1 to 4, got {bam_stages}")
@@ -105,7 +108,15 @@ class BAMResNet(ResNet):
             module = None
             if stage in bam_stages:
                 channels = EXPANSION * self.widths[stage - 1]
-                module = BAM(channels, reduction, dilation=dilation, norm=norm, combine=combine)
+                module = BAM(
+                    channels,
+                    reduction,
+                    dilation=dilation,
+                    norm=norm,
+                    combine=combine,
+                    device=device,
+                    dtype=dtype,
+                )
             setattr(self, f"bam{stage}", module)
 
     def reset_parameters(self) -> None:

@@ -52,7 +52,9 @@ Speed (measured in one interleaved run against the transcribed official module, 
 parameters, without per-call module overhead; the two 1x1 convolutions run as batched
 matrix products (CPU convolution kernels are slow with as few output channels as C/r
 and 1); the global average pool is a sum whose 1 / HW goes into the first matrix
-product, so that its backward is a broadcast view rather than a full-size gradient; the
+product, so that its backward is a broadcast view rather than a full-size gradient
+(float32 and float64 only: in half precision and under autocast it is a mean, since a
+float16 sum over the positions overflows at channel means of 40 on 48 x 48 maps); the
 ReLUs work in place on tensors autograd does not need; the attention map is one
 broadcast add (or multiply) and an in-place sigmoid; the output is one fused
 ``addcmul`` under ``no_grad`` and a multiply plus an in-place add when autograd records
@@ -67,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int
-from refimpl._torch_checks import check_torch_input
+from refimpl._torch_checks import autocast_enabled, check_torch_input
 
 NORMS = ("output", "hidden")
 COMBINES = ("sum", "product")
@@ -103,6 +105,16 @@ def _check_positions_for_training(x: torch.Tensor, training: bool, who: str) -> 
         )
 
 
+def _wide_precision(x: torch.Tensor) -> bool:
+    """Whether a sum over the positions of ``x`` is safe to take before dividing by HW.
+
+    In float32 and float64, and outside autocast (which would run the next product, and
+    so the sum going into it, in float16: 48 x 48 positions of value 40 sum to 92 160,
+    above float16's largest value, 65 504). Half precision takes the mean instead.
+    """
+    return x.dtype in (torch.float32, torch.float64) and not autocast_enabled(x)
+
+
 class ChannelGate(nn.Module):
     r"""BAM's channel branch, Eq. (3): :math:`M_c(F) = BN(W_1 \delta(W_0 AvgPool(F) + b_0) + b_1)`.
 
@@ -115,6 +127,8 @@ class ChannelGate(nn.Module):
         hidden_channels: the hidden width C/r given directly; overrides ``reduction``.
         norm: ``"output"`` (paper: BN over the C outputs, ``bn``) or ``"hidden"``
             (official code: BN over the hidden layer before its ReLU, ``bn0``).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W); output M_c (N, C). Training mode needs N >= 2.
@@ -127,15 +141,18 @@ class ChannelGate(nn.Module):
         *,
         hidden_channels: int | None = None,
         norm: str = "output",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         hidden = _hidden_width(channels, reduction, hidden_channels, "ChannelGate")
         check_choice(norm, NORMS, "ChannelGate", "norm")
         self.channels, self.hidden_channels, self.norm = channels, hidden, norm
-        self.fc0 = nn.Linear(channels, hidden)  # W0, b0
-        self.bn0 = nn.BatchNorm1d(hidden) if norm == "hidden" else None
-        self.fc1 = nn.Linear(hidden, channels)  # W1, b1
-        self.bn = nn.BatchNorm1d(channels) if norm == "output" else None
+        self.fc0 = nn.Linear(channels, hidden, **fk)  # W0, b0
+        self.bn0 = nn.BatchNorm1d(hidden, **fk) if norm == "hidden" else None
+        self.fc1 = nn.Linear(hidden, channels, **fk)  # W1, b1
+        self.bn = nn.BatchNorm1d(channels, **fk) if norm == "output" else None
 
     def reset_parameters(self) -> None:
         """Linear layers as ``nn.Linear``; batch norms to weight 1, bias 0, fresh statistics."""
@@ -152,13 +169,16 @@ class ChannelGate(nn.Module):
         """M_c, (N, C)."""
         check_torch_input(x, self.channels, "ChannelGate", "x")
         _check_batch_for_training(x, self.training, "ChannelGate")
-        # AvgPool(F) = sum / HW, with the 1 / HW folded into the product with W0: the same
-        # numbers, but the sum's backward is a broadcast view where the mean's writes a
-        # full-size gradient (measured: 13-18% off this branch's forward+backward).
-        F_c_sum = x.sum((2, 3))  # H W AvgPool(F), the channel vector times HW, (N, C)
-        hw = x.shape[2] * x.shape[3]
-        hidden = torch.addmm(self.fc0.bias, F_c_sum, self.fc0.weight.t(), alpha=1 / hw)
-        # hidden = W0 F_c + b0, (N, C/r)
+        if _wide_precision(x):
+            # AvgPool(F) = sum / HW, with the 1 / HW folded into the product with W0: the
+            # same numbers, but the sum's backward is a broadcast view where the mean's
+            # writes a full-size gradient (measured: 13-18% off this branch's fwd+bwd).
+            F_c_sum = x.sum((2, 3))  # H W AvgPool(F), the channel vector times HW, (N, C)
+            hw = x.shape[2] * x.shape[3]
+            hidden = torch.addmm(self.fc0.bias, F_c_sum, self.fc0.weight.t(), alpha=1 / hw)
+        else:  # half precision: the sum of 48 x 48 values of 40 is 92 160 > 65 504
+            hidden = F.linear(x.mean((2, 3)), self.fc0.weight, self.fc0.bias)
+        # hidden = W0 AvgPool(F) + b0, (N, C/r)
         if self.bn0 is not None:
             hidden = self.bn0(hidden)
         hidden = F.relu(hidden, inplace=True)  # delta, (N, C/r)
@@ -184,6 +204,8 @@ class SpatialGate(nn.Module):
         dilation: d of the two 3x3 convolutions (paper: 4).
         norm: ``"output"`` (paper: BN on the one-channel map, ``bn``) or ``"hidden"``
             (official code: BN before each hidden ReLU, ``bn0``, ``bn1``, ``bn2``).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W); output M_s (N, H, W).
@@ -197,22 +219,26 @@ class SpatialGate(nn.Module):
         hidden_channels: int | None = None,
         dilation: int = 4,
         norm: str = "output",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         hidden = _hidden_width(channels, reduction, hidden_channels, "SpatialGate")
         check_positive_int(dilation, "SpatialGate", "dilation")
         check_choice(norm, NORMS, "SpatialGate", "norm")
         self.channels, self.hidden_channels, self.norm = channels, hidden, norm
         self.dilation = dilation
         hidden_bn = norm == "hidden"
-        self.conv0 = nn.Conv2d(channels, hidden, 1)  # f0
-        self.bn0 = nn.BatchNorm2d(hidden) if hidden_bn else None
-        self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation)  # f1
-        self.bn1 = nn.BatchNorm2d(hidden) if hidden_bn else None
-        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation)  # f2
-        self.bn2 = nn.BatchNorm2d(hidden) if hidden_bn else None
-        self.conv3 = nn.Conv2d(hidden, 1, 1)  # f3
-        self.bn = nn.BatchNorm2d(1) if norm == "output" else None
+        dilated = {"padding": dilation, "dilation": dilation, **fk}
+        self.conv0 = nn.Conv2d(channels, hidden, 1, **fk)  # f0
+        self.bn0 = nn.BatchNorm2d(hidden, **fk) if hidden_bn else None
+        self.conv1 = nn.Conv2d(hidden, hidden, 3, **dilated)  # f1
+        self.bn1 = nn.BatchNorm2d(hidden, **fk) if hidden_bn else None
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, **dilated)  # f2
+        self.bn2 = nn.BatchNorm2d(hidden, **fk) if hidden_bn else None
+        self.conv3 = nn.Conv2d(hidden, 1, 1, **fk)  # f3
+        self.bn = nn.BatchNorm2d(1, **fk) if norm == "output" else None
 
     def reset_parameters(self) -> None:
         """Convolutions as ``nn.Conv2d``; batch norms to weight 1, bias 0, fresh statistics."""
@@ -279,6 +305,8 @@ class BAM(nn.Module):
         norm: ``"output"`` (paper: a BN at the end of each branch) or ``"hidden"``
             (official code: BN after every hidden layer, none at the end).
         combine: ``"sum"`` (paper, Eq. (2)) or ``"product"`` (official code).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1 (N >= 2 in training mode), any floating
@@ -294,17 +322,20 @@ class BAM(nn.Module):
         dilation: int = 4,
         norm: str = "output",
         combine: str = "sum",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         hidden = _hidden_width(channels, reduction, hidden_channels, "BAM")
         check_positive_int(dilation, "BAM", "dilation")
         check_choice(norm, NORMS, "BAM", "norm")
         check_choice(combine, COMBINES, "BAM", "combine")
         self.channels, self.hidden_channels = channels, hidden
         self.dilation, self.norm, self.combine = dilation, norm, combine
-        self.channel_gate = ChannelGate(channels, hidden_channels=hidden, norm=norm)
+        self.channel_gate = ChannelGate(channels, hidden_channels=hidden, norm=norm, **fk)
         self.spatial_gate = SpatialGate(
-            channels, hidden_channels=hidden, dilation=dilation, norm=norm
+            channels, hidden_channels=hidden, dilation=dilation, norm=norm, **fk
         )
 
     def reset_parameters(self) -> None:

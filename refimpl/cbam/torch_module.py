@@ -54,7 +54,8 @@ descriptors through the MLP as one (P, N, C) batch; F' is made once and read thr
 times (sum, max, product). Without gradients, M_s multiplies into F' in place: one
 allocation of the input's size, not two. With gradients, three choices keep the
 backward cheap (each explained where it is made): max pooling keeps its argmax, means
-are scaled sums, and the last product keeps F and the first map instead of F'
+are scaled sums (in float32 and float64; half precision takes the mean, which cannot
+overflow), and the last product keeps F and the first map instead of F'
 (:class:`_SecondProduct`). The bytes saved for backward are then the input's plus maps
 of 1/C and 1/(HW) of it, 1.03-1.12x the input at the benchmark's shapes, where autograd
 on the plain formula (and timm, and the popular code) saves 2.0-2.1x.
@@ -105,12 +106,18 @@ def _needs_grad(t: torch.Tensor) -> bool:
 
 # With gradients, the means are sums scaled afterwards: the same forward, but the backward
 # of a sum is a broadcast view of the incoming gradient, where the backward of ``mean``
-# materialises a full-size division by the count.
+# materialises a full-size division by the count. Only in float32 and float64: in half
+# precision the sum can overflow before it is scaled (float16 tops out at 65 504; 48 x 48
+# positions of value 40 sum to 92 160, 512 channels of 200 to 102 400), so ``mean`` there.
+
+
+def _sum_then_scale(F_: torch.Tensor) -> bool:
+    return _needs_grad(F_) and F_.dtype in (torch.float32, torch.float64)
 
 
 def _pool_positions(F_: torch.Tensor, name: str) -> torch.Tensor:
     """Global pooling over the positions, (N, C, H, W) -> (N, C)."""
-    if not _needs_grad(F_):
+    if not _needs_grad(F_) or (name == "avg" and not _sum_then_scale(F_)):
         return F_.mean((2, 3)) if name == "avg" else F_.amax((2, 3))
     if name == "avg":
         return F_.sum((2, 3)) * (1.0 / (F_.shape[2] * F_.shape[3]))
@@ -121,7 +128,7 @@ def _pool_positions(F_: torch.Tensor, name: str) -> torch.Tensor:
 
 def _pool_channels(F_: torch.Tensor, name: str) -> torch.Tensor:
     """Pooling across the channels at each position, (N, C, H, W) -> (N, 1, H, W)."""
-    if not _needs_grad(F_):
+    if not _needs_grad(F_) or (name == "avg" and not _sum_then_scale(F_)):
         return F_.mean(1, keepdim=True) if name == "avg" else F_.amax(1, keepdim=True)
     if name == "avg":
         return F_.sum(1, keepdim=True) * (1.0 / F_.shape[1])
@@ -139,6 +146,8 @@ class ChannelAttention(nn.Module):
             also ``"avg"``, ``"max"``, ``"avg+max"``.
         variant: ``"paper"`` (no MLP biases, Eq. (2)) or ``"official"`` (biases).
         bias: biases in the MLP; None takes the variant's.
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1, any floating dtype and device.
@@ -154,8 +163,11 @@ class ChannelAttention(nn.Module):
         pooling: Any = ("avg", "max"),
         variant: str = "paper",
         bias: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         who = type(self).__name__
         check_positive_int(channels, who, "channels")
         check_positive_int(reduction, who, "reduction")
@@ -168,8 +180,8 @@ class ChannelAttention(nn.Module):
         self.pooling = parse_pooling(pooling, who)
         self.variant = variant
         bias = preset["bias"] if bias is None else bool(bias)
-        self.reduce = nn.Linear(channels, hidden_channels, bias=bias)  # W0
-        self.expand = nn.Linear(hidden_channels, channels, bias=bias)  # W1
+        self.reduce = nn.Linear(channels, hidden_channels, bias=bias, **fk)  # W0
+        self.expand = nn.Linear(hidden_channels, channels, bias=bias, **fk)  # W1
 
     def reset_parameters(self) -> None:
         """Re-initialise both layers as ``nn.Linear`` does."""
@@ -214,6 +226,8 @@ class SpatialAttention(nn.Module):
         variant: ``"paper"`` or ``"official"`` (see the module docstring).
         bias: a bias in the convolution (neither variant has one).
         bn: a ``BatchNorm2d(1)`` after the convolution; None takes the variant's.
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1 (batch norm in training mode needs
@@ -230,8 +244,11 @@ class SpatialAttention(nn.Module):
         variant: str = "paper",
         bias: bool = False,
         bn: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         who = type(self).__name__
         check_positive_int(channels, who, "channels")
         check_kernel_size(kernel_size, who)
@@ -243,9 +260,9 @@ class SpatialAttention(nn.Module):
         self.variant = variant
         bn = preset["spatial_bn"] if bn is None else bool(bn)
         self.conv = nn.Conv2d(  # f^{k x k}
-            len(self.pooling), 1, kernel_size, padding=self.padding, bias=bool(bias)
+            len(self.pooling), 1, kernel_size, padding=self.padding, bias=bool(bias), **fk
         )
-        self.bn = nn.BatchNorm2d(1, eps=BN_EPS, momentum=BN_MOMENTUM) if bn else None
+        self.bn = nn.BatchNorm2d(1, eps=BN_EPS, momentum=BN_MOMENTUM, **fk) if bn else None
 
     def reset_parameters(self) -> None:
         """Re-initialise the convolution as ``nn.Conv2d`` does; batch norm to weight 1, bias 0."""
@@ -296,6 +313,8 @@ class CBAM(nn.Module):
         bias: biases in the channel gate's MLP (paper: no, official: yes).
         spatial_bias: a bias in the spatial convolution (no in both).
         spatial_bn: a batch norm after the spatial convolution (paper: no, official: yes).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1 (with ``spatial_bn`` in training mode,
@@ -317,8 +336,11 @@ class CBAM(nn.Module):
         bias: bool | None = None,
         spatial_bias: bool = False,
         spatial_bn: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         check_positive_int(channels, "CBAM", "channels")
         check_choice(arrangement, ARRANGEMENTS, "CBAM", "arrangement")
         check_variant(variant, "CBAM")
@@ -332,6 +354,7 @@ class CBAM(nn.Module):
             pooling=pooling,
             variant=variant,
             bias=bias,
+            **fk,
         )
         if spatial_pooling is not None:
             spatial_pooling = parse_pooling(spatial_pooling, "CBAM", "spatial_pooling")
@@ -342,6 +365,7 @@ class CBAM(nn.Module):
             variant=variant,
             bias=spatial_bias,
             bn=spatial_bn,
+            **fk,
         )
 
     @property

@@ -93,6 +93,7 @@ class A2ResNet(ResNet):
         reduction: c / m and c / n of every double attention block.
         double_attention_options: further keyword arguments of :class:`DoubleAttention`
             (``bias``, ``m``, ``n``, ...).
+        device, dtype: where and of which dtype the parameters (and buffers) are created.
         **kwargs: further arguments of :class:`~refimpl.backbones.ResNet` (``layout``,
             ``widths``, ``attention``, ...).
 
@@ -108,9 +109,11 @@ class A2ResNet(ResNet):
         positions: Sequence[tuple[int, int]] = A2_POSITIONS,
         reduction: int = 2,
         double_attention_options: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(layers, num_classes, **kwargs)
+        super().__init__(layers, num_classes, device=device, dtype=dtype, **kwargs)
         positions = tuple((int(s), int(i)) for s, i in positions)
         for stage, index in positions:
             if not (1 <= stage <= 4 and 0 <= index < self.layers[stage - 1]):
@@ -125,7 +128,11 @@ class A2ResNet(ResNet):
         self.double_attention = nn.ModuleDict(
             {
                 f"layer{s}_{i}": DoubleAttention(
-                    EXPANSION * self.widths[s - 1], reduction=reduction, **options
+                    EXPANSION * self.widths[s - 1],
+                    reduction=reduction,
+                    **options,
+                    device=device,
+                    dtype=dtype,
                 )
                 for s, i in self.positions
             }

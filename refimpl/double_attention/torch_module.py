@@ -119,6 +119,8 @@ class DoubleAttention(nn.Module):
         bias: biases in the 1x1 convolutions (phi, theta, rho, expand).
         output_conv: the 1x1 convolution ``expand`` from m back to c channels.
         residual: add X to the result. Without ``output_conv`` this needs m == c.
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, c, H, W), any N, H, W >= 1, any floating dtype and device.
@@ -136,8 +138,11 @@ class DoubleAttention(nn.Module):
         bias: bool = True,
         output_conv: bool = True,
         residual: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         who = "DoubleAttention"
         check_positive_int(channels, who, "channels")
         check_positive_int(reduction, who, "reduction")
@@ -152,10 +157,10 @@ class DoubleAttention(nn.Module):
             )
         self.channels, self.m, self.n = channels, m, n
         self.residual = residual
-        self.phi = nn.Conv2d(channels, m, 1, bias=bias)  # A = phi(X)
-        self.theta = nn.Conv2d(channels, n, 1, bias=bias)  # B = theta(X)
-        self.rho = nn.Conv2d(channels, n, 1, bias=bias)  # V = rho(X)
-        self.expand = nn.Conv2d(m, channels, 1, bias=bias) if output_conv else None
+        self.phi = nn.Conv2d(channels, m, 1, bias=bias, **fk)  # A = phi(X)
+        self.theta = nn.Conv2d(channels, n, 1, bias=bias, **fk)  # B = theta(X)
+        self.rho = nn.Conv2d(channels, n, 1, bias=bias, **fk)  # V = rho(X)
+        self.expand = nn.Conv2d(m, channels, 1, bias=bias, **fk) if output_conv else None
 
     def reset_parameters(self) -> None:
         """Re-initialise every convolution as ``nn.Conv2d`` does."""

@@ -55,12 +55,13 @@ L + g comes out of one matrix product; the first batch norm runs on the quarter-
 hidden map with PWConv1's bias moved into its shift. In-place steps (bias, ReLU, sigmoid)
 act on fresh products, never on views (autograd would copy the base in backward), and the
 soft selection of Eq. (4) is one ``torch.lerp``: ``Y + M (X - Y)``. Training mode
-normalises with batch statistics and updates the running ones exactly as
-``nn.BatchNorm2d`` does. Saved for backward (one AFF, training): X + Y, the contexts'
-activations, M, X and Y; the popular form also keeps 1 - M (2.75 against 3.25 times the
-inputs' bytes). Against an eager transcription of the popular code (2 CPU threads):
-forward 1.8-3.1 times faster, forward and backward 1.2-1.7 times, at (8, 256, 28, 28),
-(32, 64, 56, 56) and (2, 512, 7, 7).
+calls every batch norm as a module (so ``nn.SyncBatchNorm.convert_sync_batchnorm`` and
+forward hooks take effect); only eval mode folds them, reading the layers' buffers.
+Saved for backward (one AFF, training): X + Y, the contexts' activations, M, X and Y;
+the popular form also keeps 1 - M (2.75 against 3.25 times the inputs' bytes). Against
+an eager transcription of the popular code (2 CPU threads): forward 1.8-3.1 times
+faster, forward and backward 1.2-1.7 times, at (8, 256, 28, 28), (32, 64, 56, 56) and
+(2, 512, 7, 7).
 """
 
 from __future__ import annotations
@@ -98,24 +99,23 @@ def _batch_norm(
 ) -> torch.Tensor:
     """``bn(h)`` for an (N, C), (N, C, L) or (N, C, H, W) ``h``, as ``nn.BatchNorm2d`` does.
 
-    Training: batch statistics, and the running ones updated exactly as ``nn.BatchNorm2d``
-    updates them. Eval: running statistics; a ``conv_bias`` not yet added to ``h`` enters
-    the shift instead (the same result as normalising ``h + conv_bias``, one pass over
-    ``h`` fewer). ``torch.batch_norm`` directly: ``F.batch_norm`` and the module add
-    Python checks that cost more than the arithmetic at small sizes (the callers check).
+    Training: the layer is *called*, on a 4-D view of ``h``, so that whatever it has been
+    turned into (``nn.SyncBatchNorm.convert_sync_batchnorm``, a frozen or hooked batch
+    norm) normalises, with its own statistics and running-statistics update. Eval: the
+    running statistics of the layer as it now is, through ``torch.batch_norm`` directly
+    (``F.batch_norm`` and the module add Python checks that cost more than the arithmetic
+    at small sizes; the callers check); a ``conv_bias`` not yet added to ``h`` enters the
+    shift instead (the same result as normalising ``h + conv_bias``, one pass over ``h``
+    fewer).
     """
+    if training:
+        h4 = h.view(*h.shape, *(1,) * (4 - h.dim()))  # (N, C, L, 1) or (N, C, 1, 1), a view
+        return bn(h4).view(h.shape)
     weight, bias, mean, var = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    if conv_bias is not None:  # B(h + b) = s (h - mu) + beta + s b, s = gamma / sigma
+        bias = torch.addcmul(bias, conv_bias, weight * torch.rsqrt(var + bn.eps))
     cudnn = torch.backends.cudnn.enabled
-    if not training:
-        if conv_bias is not None:  # B(h + b) = s (h - mu) + beta + s b, s = gamma / sigma
-            bias = torch.addcmul(bias, conv_bias, weight * torch.rsqrt(var + bn.eps))
-        return torch.batch_norm(h, weight, bias, mean, var, False, 0.0, bn.eps, cudnn)
-    momentum = bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return torch.batch_norm(h, weight, bias, mean, var, True, momentum or 0.0, bn.eps, cudnn)
+    return torch.batch_norm(h, weight, bias, mean, var, False, 0.0, bn.eps, cudnn)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -163,9 +163,17 @@ class _ContextBranch(nn.Module):
     """PWConv1 (C -> C/r), BN, ReLU, PWConv2 (C/r -> C), BN: the chain of Eq. (2)."""
 
     def __init__(
-        self, channels: int, reduction: int, hidden_channels: int | None, bias: bool, who: str
+        self,
+        channels: int,
+        reduction: int,
+        hidden_channels: int | None,
+        bias: bool,
+        who: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         check_positive_int(channels, who, "channels")
         check_positive_int(reduction, who, "reduction")
         if hidden_channels is None:
@@ -173,10 +181,10 @@ class _ContextBranch(nn.Module):
         check_positive_int(hidden_channels, who, "hidden_channels")
         self.channels = channels
         self.hidden_channels = hidden_channels
-        self.conv1 = nn.Conv2d(channels, hidden_channels, 1, bias=bias)  # PWConv1
-        self.bn1 = nn.BatchNorm2d(hidden_channels)
-        self.conv2 = nn.Conv2d(hidden_channels, channels, 1, bias=bias)  # PWConv2
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, hidden_channels, 1, bias=bias, **fk)  # PWConv1
+        self.bn1 = nn.BatchNorm2d(hidden_channels, **fk)
+        self.conv2 = nn.Conv2d(hidden_channels, channels, 1, bias=bias, **fk)  # PWConv2
+        self.bn2 = nn.BatchNorm2d(channels, **fk)
 
     def reset_parameters(self) -> None:
         """Re-initialise the convolutions and batch norms as PyTorch does."""
@@ -200,6 +208,8 @@ class LocalContext(_ContextBranch):
         reduction: r; the hidden width is ``max(1, channels // r)``.
         hidden_channels: the hidden width C/r given directly; overrides ``reduction``.
         bias: biases in both 1x1 convolutions (the official code has them).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W); output L(X), (N, C, H, W). Training needs N H W >= 2.
@@ -212,8 +222,10 @@ class LocalContext(_ContextBranch):
         *,
         hidden_channels: int | None = None,
         bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(channels, reduction, hidden_channels, bias, "LocalContext")
+        super().__init__(channels, reduction, hidden_channels, bias, "LocalContext", device, dtype)
 
     def logits(
         self, x: torch.Tensor, g: torch.Tensor | None = None, gate: bool = False
@@ -263,6 +275,8 @@ class GlobalContext(_ContextBranch):
         reduction: r; the hidden width is ``max(1, channels // r)``.
         hidden_channels: the hidden width C/r given directly; overrides ``reduction``.
         bias: biases in both 1x1 convolutions (the official code has them).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W); output g(X), (N, C, 1, 1). Training needs N >= 2.
@@ -275,8 +289,10 @@ class GlobalContext(_ContextBranch):
         *,
         hidden_channels: int | None = None,
         bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(channels, reduction, hidden_channels, bias, "GlobalContext")
+        super().__init__(channels, reduction, hidden_channels, bias, "GlobalContext", device, dtype)
 
     def vector(self, x: torch.Tensor) -> torch.Tensor:
         """g(x) as an (N, C) matrix. No input checks (the calling module made them)."""
@@ -331,6 +347,8 @@ class MSCAM(nn.Module):
         reduction: r (4 in the paper's CIFAR networks, 16 in its ImageNet ones).
         hidden_channels: the hidden width C/r given directly; overrides ``reduction``.
         bias: biases in the 1x1 convolutions (the official code has them).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1, any floating dtype and device; training
@@ -345,9 +363,16 @@ class MSCAM(nn.Module):
         *,
         hidden_channels: int | None = None,
         bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        options = {"hidden_channels": hidden_channels, "bias": bias}
+        options = {
+            "hidden_channels": hidden_channels,
+            "bias": bias,
+            "device": device,
+            "dtype": dtype,
+        }
         self.local_att = LocalContext(channels, reduction, **options)  # L
         self.global_att = GlobalContext(channels, reduction, **options)  # g
         self.channels = channels
@@ -385,6 +410,8 @@ class AFF(nn.Module):
         reduction: r (4 in the paper's CIFAR networks, 16 in its ImageNet ones).
         hidden_channels: the hidden width C/r given directly; overrides ``reduction``.
         bias: biases in the 1x1 convolutions (the official code has them).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
         factor_two: return 2 Z, as the paper-era official code does (default: the paper).
 
     Shape:
@@ -400,9 +427,16 @@ class AFF(nn.Module):
         hidden_channels: int | None = None,
         bias: bool = True,
         factor_two: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        options = {"hidden_channels": hidden_channels, "bias": bias}
+        options = {
+            "hidden_channels": hidden_channels,
+            "bias": bias,
+            "device": device,
+            "dtype": dtype,
+        }
         self.local_att = LocalContext(channels, reduction, **options)  # L
         self.global_att = GlobalContext(channels, reduction, **options)  # g
         self.channels = channels
@@ -446,6 +480,8 @@ class IAFF(nn.Module):
         reduction: r (4 in the paper's CIFAR networks, 16 in its ImageNet ones).
         hidden_channels: the hidden width C/r given directly; overrides ``reduction``.
         bias: biases in the 1x1 convolutions (the official code has them).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
         share_global: the second MS-CAM reuses the first one's global branch, as the
             popular PyTorch code does (its ``global_att2`` is never used); the module then
             has no ``global_att2``. Default: the paper's separate branch.
@@ -463,9 +499,16 @@ class IAFF(nn.Module):
         hidden_channels: int | None = None,
         bias: bool = True,
         share_global: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        options = {"hidden_channels": hidden_channels, "bias": bias}
+        options = {
+            "hidden_channels": hidden_channels,
+            "bias": bias,
+            "device": device,
+            "dtype": dtype,
+        }
         self.local_att = LocalContext(channels, reduction, **options)  # L of M_1
         self.global_att = GlobalContext(channels, reduction, **options)  # g of M_1
         self.local_att2 = LocalContext(channels, reduction, **options)  # L of M_2

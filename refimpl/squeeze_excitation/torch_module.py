@@ -46,6 +46,8 @@ class SqueezeExcitation(nn.Module):
         bias: biases in both fully connected layers (released models: yes; Table 10: no).
         pooling: the squeeze, ``"avg"`` (Eq. (2)) or ``"max"`` (ablation, Table 11).
         gate: :math:`\sigma`, ``"sigmoid"`` (paper), ``"tanh"`` or ``"relu"`` (Table 12).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1, any floating dtype and device.
@@ -61,8 +63,11 @@ class SqueezeExcitation(nn.Module):
         bias: bool = True,
         pooling: str = "avg",
         gate: str = "sigmoid",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         check_positive_int(channels, "SqueezeExcitation", "channels")
         check_positive_int(reduction, "SqueezeExcitation", "reduction")
         if hidden_channels is None:
@@ -74,8 +79,8 @@ class SqueezeExcitation(nn.Module):
         self.hidden_channels = hidden_channels
         self.pooling = pooling
         self.gate = gate
-        self.reduce = nn.Linear(channels, hidden_channels, bias=bias)  # W1
-        self.expand = nn.Linear(hidden_channels, channels, bias=bias)  # W2
+        self.reduce = nn.Linear(channels, hidden_channels, bias=bias, **fk)  # W1
+        self.expand = nn.Linear(hidden_channels, channels, bias=bias, **fk)  # W2
 
     def reset_parameters(self) -> None:
         """Re-initialise both layers as ``nn.Linear`` does."""
