@@ -206,7 +206,21 @@ def test_agrees_at_the_smallest_shapes(comp, training):
 #: files made from the same seeds.
 _RA = {"r": 1, "depth": 3, "skips": 2, "activation": "spatial", "align_corners": True}
 _AM = {"p": 1, "t": 2, "r": 1, "depth": 3, "skips": 2, "activation": "mixed", "learning": "arl"}
+_CBAM = {
+    "reduction": 16,
+    "pooling": ("avg", "max"),
+    "kernel_size": 7,
+    "spatial_pooling": None,
+    "arrangement": "channel-spatial",
+    "variant": "paper",
+    "bias": None,
+    "spatial_bias": False,
+    "spatial_bn": None,
+}
 FOUND = [
+    ("cbam", _CBAM, (1, 1, 1, 1), 0, False, "float64"),
+    ("cbam", {**_CBAM, "kernel_size": 9}, (2, 3, 1, 2), 1, True, "float64"),
+    ("cbam", {**_CBAM, "variant": "official"}, (1, 5, 2, 1), 2, True, "float64"),
     ("residual_unit", {"out_channels": None, "stride": 1}, (2, 1, 1, 1), 0, True, "float64"),
     ("residual_unit", {"out_channels": 8, "stride": 2}, (2, 3, 1, 1), 0, False, "float64"),
     ("mask_head", {"activation": "spatial"}, (2, 1, 1, 1), 0, False, "float64"),
@@ -474,22 +488,26 @@ def test_extra_repr_names_channels_and_options(comp):
 @each()
 def test_deepcopy_and_mode_switches_keep_the_function(comp):
     """A deep copy computes the same; training the copy (statistics update) leaves the
-    original alone; back in eval mode a module computes what it did. Without batch norm,
-    training mode computes what eval mode does."""
-    opts, shape = default_case(comp, training=True)
-    module, inputs, _ = build(comp, opts, shape)
-    with torch.no_grad():
-        ref = module.eval()(*inputs)
-        clone = copy.deepcopy(module)
-        torch.testing.assert_close(clone(*inputs), ref, rtol=0, atol=0)
-        train_out = clone.train()(*inputs)
-        torch.testing.assert_close(module(*inputs), ref, rtol=0, atol=0)
-        if not has_batch_norm(module):
-            torch.testing.assert_close(train_out, ref, rtol=0, atol=0)
-        module.train()(*inputs)
-        module.eval()
-        if not has_batch_norm(module):
+    original alone; back in eval mode a module computes what it did. Training mode uses
+    batch statistics where there is batch norm, and computes what eval mode does where
+    there is none. Every covering option set (batch norm on and off)."""
+    shape = fixed_shape(comp)
+    for opts in covering_options(comp, shape, True):
+        module, inputs, _ = build(comp, opts, shape)
+        with torch.no_grad():
+            ref = module.eval()(*inputs)
+            clone = copy.deepcopy(module)
+            torch.testing.assert_close(clone(*inputs), ref, rtol=0, atol=0)
+            train_out = clone.train()(*inputs)
             torch.testing.assert_close(module(*inputs), ref, rtol=0, atol=0)
+            if not has_batch_norm(module):
+                torch.testing.assert_close(train_out, ref, rtol=0, atol=0)
+            elif opts.get("force_mask") is None:  # batch statistics, not the running ones
+                assert (train_out - ref).abs().max() > 1e-6, f"{comp.name} {opts}: train == eval"
+            module.train()(*inputs)
+            module.eval()
+            if not has_batch_norm(module):
+                torch.testing.assert_close(module(*inputs), ref, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
