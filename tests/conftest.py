@@ -6,15 +6,28 @@ Profiles (choose with ``pytest --hypothesis-profile=NAME``):
               reproducible.
     thorough  deep runs: many examples, fresh randomness each run.
 Hypothesis's own ``ci`` profile is left as it is.
+
+Markers (declared in pyproject.toml): ``slow`` for a test of more than a few seconds (the
+notebooks, the inductor compilations, multi-process training); every test whose name
+says ``inductor`` is marked ``slow`` here, wherever it is. ``python -m pytest -m "not
+slow"`` is the quick subset for development; the default run, and CI, run everything.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# torch.compile's inductor backend compiles its C++ kernels in a pool of worker processes
+# by default, each starting its own Python and importing torch: for the few small graphs
+# the tests compile, that pool cost 9 s of CPU out of 24 s (tests/ -k inductor, measured
+# as the CPU time of the whole process tree). One thread in this process does the same
+# work. Set before anything imports torch._inductor.config, which reads it; the
+# environment wins if it says otherwise.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "fast",
@@ -56,3 +69,10 @@ DEVICES = available_devices()
 def device(request: pytest.FixtureRequest) -> str:
     """Run a test once per available device."""
     return request.param
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every inductor test ``slow`` (code generation takes 2-15 s per module)."""
+    for item in items:
+        if "inductor" in item.name and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
