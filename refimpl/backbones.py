@@ -1,4 +1,4 @@
-r"""ResNet-50, the backbone SE, CBAM, A^2-Nets and AFF insert their modules into.
+r"""ResNets of 18 to 152 layers, into which SE, CBAM, A^2-Nets and AFF insert their modules.
 
 A bottleneck block (He et al., CVPR 2016) computes, on its residual branch,
 
@@ -14,18 +14,36 @@ ResNet-50 stacks [3, 4, 6, 3] such blocks in four stages of widths w = 64, 128, 
 512 after a 7x7 stride-2 stem convolution and a 3x3 stride-2 max pool, and ends with
 global average pooling and a fully connected classifier.
 
-Two hooks place the papers' modules:
+A basic block (ResNet-18 and -34) has two 3x3 convolutions, C -> w -> w, and outputs w
+channels (expansion 1 instead of 4):
+
+    residual = BN2(conv2(relu(BN1(conv1(x)))))
+
+:func:`resnet` builds each depth of the ResNet paper's Table 1:
+
+| depth | block | blocks per stage | parameters (1000 classes) |
+|---|---|---|---|
+| 18 | basic | 2, 2, 2, 2 | 11,689,512 |
+| 34 | basic | 3, 4, 6, 3 | 21,797,672 |
+| 50 | bottleneck | 3, 4, 6, 3 | 25,557,032 |
+| 101 | bottleneck | 3, 4, 23, 3 | 44,549,160 |
+| 152 | bottleneck | 3, 8, 36, 3 | 60,192,808 |
+
+(torchvision's counts, to the parameter; the same in both layouts.)
+
+Two hooks place the papers' modules, in either kind of block:
 
 - ``attention`` (SE, CBAM, BAM-style, A^2): a module of the block's output channel
-  count 4w on the residual branch, after ``bn3`` and before the addition:
-  ``residual = attention(BN3(...))``. It must map (N, 4w, H, W) to the same shape.
+  count (4w, or w in a basic block) on the residual branch, after its last batch norm
+  (``bn3``, or ``bn2`` in a basic block) and before the addition:
+  ``residual = attention(BN3(...))``. It must map (N, C, H, W) to the same shape.
 - ``fusion`` (AFF, iAFF): replaces the addition itself in the blocks of the chosen
   stages: ``out = relu(fusion(identity, residual))``. The fusion module is called with
   the identity branch as its first argument (AFF's X) and the residual branch as its
-  second (AFF's Y), both (N, 4w, H, W), and must return a tensor of that shape. The
-  ReLU after the addition stays where it was, after the fusion.
+  second (AFF's Y), both of the block's output shape, and must return a tensor of that
+  shape. The ReLU after the addition stays where it was, after the fusion.
 
-Layouts (``layout=``), both 25.557M parameters with 1000 classes:
+Layouts (``layout=``) of the bottleneck networks, both 25.557M parameters for ResNet-50:
 
 - ``"v1"`` (default), the original ResNet and the Caffe models: in the first block of
   stages 2-4 the stride 2 is on ``conv1``, the first 1x1 convolution. 3.858 GMAC at
@@ -35,6 +53,9 @@ Layouts (``layout=``), both 25.557M parameters with 1000 classes:
   convolution, so the 3x3 sees every position of the input instead of every other one
   and ``conv1`` runs at the full input resolution (3 x 77M more MACs). 4.089 GMAC; the
   layout of torchvision's weights and of the official CBAM and AFF code.
+
+A basic block has one strided convolution, its first 3x3, in both layouts: ResNet-18
+and -34 are the same network in either (1.814 and 3.664 GMAC at 224 x 224).
 
 Names follow torchvision's ResNet, so its ``state_dict`` loads after one rename
 (``downsample.0`` / ``downsample.1`` -> ``downsample.conv`` / ``downsample.bn``), see
@@ -63,7 +84,17 @@ from refimpl._checks import check_choice, check_positive_int
 from refimpl._torch_checks import check_torch_input
 
 LAYOUTS = ("v1", "torchvision")
-EXPANSION = 4  # a bottleneck's output has 4w channels
+BLOCKS = ("basic", "bottleneck")
+EXPANSION = 4  # a bottleneck's output has 4w channels (a basic block's, w)
+
+#: depth -> (block, blocks per stage), Table 1 of the ResNet paper.
+DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
 
 #: A module given by name (through :func:`refimpl.registry.create`), or a factory
 #: ``channels -> module``, or nothing.
@@ -248,6 +279,8 @@ class Bottleneck(nn.Module):
         self.fusion = _build(make_fusion, out_channels, fk)
         self.reset_parameters()
 
+    expansion = EXPANSION
+
     @property
     def out_channels(self) -> int:
         """4w, the channel count of the output."""
@@ -284,19 +317,122 @@ class Bottleneck(nn.Module):
         return self.relu(self.fusion(identity, residual))  # X = identity, Y = residual
 
 
-class ResNet(nn.Module):
-    r"""A bottleneck ResNet (ResNet-50 by default) with attention and fusion hooks.
+class BasicBlock(nn.Module):
+    r"""A basic block: two 3x3 convolutions (C -> w -> w), with the two hooks.
+
+    ``out = relu(identity + attention(residual))``, or with ``fusion``
+    ``out = relu(fusion(identity, attention(residual)))``, the attention placed after
+    ``bn2``, the last batch norm of the residual branch; see the module docstring.
 
     Args:
-        layers: blocks per stage; (3, 4, 6, 3) is ResNet-50, (3, 4, 23, 3) ResNet-101.
+        in_channels: C, channels of the input.
+        width: w, channels of both convolutions and of the output.
+        stride: 1, or 2 in the first block of stages 2-4 (on ``conv1``).
+        layout: accepted for symmetry with :class:`Bottleneck`; both layouts put the
+            stride on ``conv1``, the block's only strided convolution.
+        attention: a module of w channels placed after ``bn2``, given by registry name
+            (:func:`refimpl.registry.create`) or as a factory ``channels -> module``.
+        attention_options: keyword arguments for building ``attention``.
+        fusion: a module that replaces the addition, called as ``fusion(identity,
+            residual)``; a registry name of a two-input component or a factory
+            ``channels -> module``.
+        fusion_options: keyword arguments for building ``fusion``.
+        device, dtype: where and of which dtype parameters and buffers are created, as
+            in ``torch.nn`` layers; passed on to the attention and fusion factories.
+
+    Shape:
+        Input (N, C, H, W); output (N, w, H', W') with H' = ceil(H / stride) (same for W).
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        stride: int = 1,
+        *,
+        layout: str = "v1",
+        attention: ModuleSpec = None,
+        attention_options: Mapping[str, Any] | None = None,
+        fusion: ModuleSpec = None,
+        fusion_options: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        check_positive_int(in_channels, "BasicBlock", "in_channels")
+        check_positive_int(width, "BasicBlock", "width")
+        check_positive_int(stride, "BasicBlock", "stride")
+        check_choice(layout, LAYOUTS, "BasicBlock", "layout")
+        self.in_channels, self.width, self.stride, self.layout = in_channels, width, stride, layout
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False, **fk)
+        self.bn1 = nn.BatchNorm2d(width, **fk)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False, **fk)
+        self.bn2 = nn.BatchNorm2d(width, **fk)
+        self.relu = nn.ReLU()  # not in place: a fusion may return its input X unchanged
+        make_attention = _attention_factory(attention, attention_options, "BasicBlock")
+        make_fusion = _fusion_factory(fusion, fusion_options, "BasicBlock")
+        self.attention = _build(make_attention, width, fk)
+        self.downsample = None
+        if stride != 1 or in_channels != width:
+            self.downsample = Downsample(in_channels, width, stride, **fk)
+        self.fusion = _build(make_fusion, width, fk)
+        self.reset_parameters()
+
+    @property
+    def out_channels(self) -> int:
+        """w, the channel count of the output."""
+        return self.width
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal convolutions, batch norm weight 1 and bias 0.
+
+        The attention and fusion modules are reset by their own ``reset_parameters``.
+        """
+        for conv in (self.conv1, self.conv2):
+            _reset_conv(conv)
+        for bn in (self.bn1, self.bn2):
+            _reset_bn(bn)
+        for module in (self.downsample, self.attention, self.fusion):
+            if module is not None and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, width={self.width}, "
+            f"out_channels={self.out_channels}, stride={self.stride}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)  # (N, w, H', W')
+        residual = self.relu(self.bn1(self.conv1(x)))
+        residual = self.bn2(self.conv2(residual))  # (N, w, H', W')
+        if self.attention is not None:
+            residual = self.attention(residual)
+        if self.fusion is None:
+            return self.relu(identity + residual)
+        return self.relu(self.fusion(identity, residual))  # X = identity, Y = residual
+
+
+class ResNet(nn.Module):
+    r"""A ResNet (ResNet-50 by default) with attention and fusion hooks; see :func:`resnet`.
+
+    Args:
+        layers: blocks per stage; (3, 4, 6, 3) is ResNet-50, (3, 4, 23, 3) ResNet-101
+            (with ``block="basic"``, (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34).
         num_classes: outputs of the classifier ``fc``.
         layout: ``"v1"`` (default: stride on the first 1x1 convolution, the SE and CBAM
             papers' tables, 3.858 GMAC) or ``"torchvision"`` (stride on the 3x3, 4.09
-            GMAC); the same parameters either way.
+            GMAC); the same parameters either way; no difference for basic blocks.
         in_channels: channels of the input image.
-        widths: w of each stage; the stage outputs 4w channels.
-        attention: a module inserted in every bottleneck after ``bn3``, before the
-            addition, built for the block's output channels 4w: a registry name
+        widths: w of each stage; the stage outputs 4w channels (w with basic blocks).
+        block: ``"bottleneck"`` (:class:`Bottleneck`, ResNet-50 and deeper) or
+            ``"basic"`` (:class:`BasicBlock`, ResNet-18 and -34).
+        attention: a module inserted in every block after its last batch norm (``bn3``,
+            ``bn2`` in a basic block), before the addition, built for the block's output
+            channels: a registry name
             (``"se"``, built by :func:`refimpl.registry.create`) or a factory
             ``channels -> module``.
         attention_options: keyword arguments for building ``attention``
@@ -331,6 +467,7 @@ class ResNet(nn.Module):
         fusion: ModuleSpec = None,
         fusion_options: Mapping[str, Any] | None = None,
         fusion_stages: Iterable[int] = (3, 4),
+        block: str = "bottleneck",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -338,6 +475,7 @@ class ResNet(nn.Module):
         fk = {"device": device, "dtype": dtype}
         layers, widths, fusion_stages = tuple(layers), tuple(widths), tuple(fusion_stages)
         check_choice(layout, LAYOUTS, "ResNet", "layout")
+        check_choice(block, BLOCKS, "ResNet", "block")
         check_positive_int(num_classes, "ResNet", "num_classes")
         check_positive_int(in_channels, "ResNet", "in_channels")
         if len(layers) != 4 or len(widths) != 4:
@@ -352,8 +490,11 @@ class ResNet(nn.Module):
         # Validate the specs once here; each block builds its own modules from them.
         _attention_factory(attention, attention_options, "ResNet")
         _fusion_factory(fusion, fusion_options, "ResNet")
-        self.layers, self.widths, self.layout = layers, widths, layout
+        self.layers, self.widths, self.layout, self.block = layers, widths, layout, block
         self.in_channels, self.num_classes = in_channels, num_classes
+        Block = BasicBlock if block == "basic" else Bottleneck  # noqa: N806
+        #: Output channels of each stage: 4w (bottleneck) or w (basic).
+        self.stage_channels = tuple(Block.expansion * w for w in widths)
         self.fusion_stages = fusion_stages if fusion is not None else ()
 
         stem = widths[0]
@@ -365,7 +506,7 @@ class ResNet(nn.Module):
         for stage, (blocks, width) in enumerate(zip(layers, widths, strict=True), start=1):
             stage_blocks = []
             for i in range(blocks):
-                block = Bottleneck(
+                unit = Block(
                     channels,
                     width,
                     stride=2 if (i == 0 and stage > 1) else 1,
@@ -376,16 +517,16 @@ class ResNet(nn.Module):
                     fusion_options=fusion_options if stage in self.fusion_stages else None,
                     **fk,
                 )
-                stage_blocks.append(block)
-                channels = block.out_channels
+                stage_blocks.append(unit)
+                channels = unit.out_channels
             self.add_module(f"layer{stage}", nn.Sequential(*stage_blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes, **fk)
         self.num_features = channels
         self.reset_parameters()
 
-    def blocks(self) -> list[Bottleneck]:
-        """Every bottleneck, stage by stage."""
+    def blocks(self) -> list[Bottleneck | BasicBlock]:
+        """Every block, stage by stage."""
         return [b for stage in range(1, 5) for b in getattr(self, f"layer{stage}")]
 
     def reset_parameters(self) -> None:
@@ -401,24 +542,48 @@ class ResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"layers={self.layers}, num_classes={self.num_classes}, layout={self.layout!r}, "
-            f"widths={self.widths}, fusion_stages={self.fusion_stages}"
+            f"layers={self.layers}, block={self.block!r}, num_classes={self.num_classes}, "
+            f"layout={self.layout!r}, widths={self.widths}, fusion_stages={self.fusion_stages}"
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled features before the classifier, (N, 4 * widths[-1])."""
-        check_torch_input(x, self.in_channels, "ResNet", "x")
+        """The pooled features before the classifier, (N, stage_channels[-1])."""
+        check_torch_input(x, self.in_channels, "ResNet", "x", self)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 64, H/4, W/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, 2048, H/32, W/32)
-        return self.avgpool(x).flatten(1)  # (N, 2048)
+        return self.avgpool(x).flatten(1)  # (N, 2048); 512 with basic blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))  # (N, num_classes)
 
 
+def resnet(depth: int, num_classes: int = 1000, *, layout: str = "v1", **kwargs: Any) -> ResNet:
+    """ResNet-18, -34, -50, -101 or -152 (Table 1 of the ResNet paper), with the hooks.
+
+    Args:
+        depth: 18 or 34 (basic blocks), 50, 101 or 152 (bottleneck blocks).
+        num_classes: outputs of the classifier.
+        layout: ``"v1"`` or ``"torchvision"`` (see the module docstring; the same
+            network for 18 and 34).
+        **kwargs: further arguments of :class:`ResNet` (``attention``, ``fusion``,
+            ``widths``, ``device``, ...); not ``layers`` or ``block``, which ``depth`` sets.
+
+    Example:
+        ``resnet(18, attention="cbam")`` is CBAM-ResNet-18 (11.78M parameters, CBAM's
+        Table 4); ``resnet(101, attention="se")`` is SE-ResNet-101 (49.3M).
+    """
+    if depth not in DEPTHS:
+        raise ValueError(f"resnet: depth must be one of {sorted(DEPTHS)}, got {depth!r}")
+    for name in ("layers", "block"):
+        if name in kwargs:
+            raise TypeError(f"resnet: {name} is set by depth; build ResNet(...) for another")
+    block, layers = DEPTHS[depth]
+    return ResNet(layers, num_classes, layout=layout, block=block, **kwargs)
+
+
 def resnet50(num_classes: int = 1000, *, layout: str = "v1", **kwargs: Any) -> ResNet:
-    """ResNet-50: :class:`ResNet` with (3, 4, 6, 3) blocks; ``kwargs`` go to :class:`ResNet`."""
-    return ResNet((3, 4, 6, 3), num_classes, layout=layout, **kwargs)
+    """ResNet-50, ``resnet(50, ...)``: :class:`ResNet` with (3, 4, 6, 3) bottlenecks."""
+    return resnet(50, num_classes, layout=layout, **kwargs)
 
 
 def convert_torchvision_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,12 +22,15 @@ import torch
 from torch import nn
 
 from refimpl.backbones import (
+    DEPTHS,
+    BasicBlock,
     Bottleneck,
     Downsample,
     ResNet,
     convert_torchvision_state_dict,
     count_macs,
     count_parameters,
+    resnet,
     resnet50,
 )
 from refimpl.registry import randomize_
@@ -474,3 +477,195 @@ def test_autocast_bfloat16() -> None:
     # logits through 17 convolutions is 0.3% of their largest magnitude.
     ref = model(x)
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------
+# More depths: ResNet-18, -34 (basic blocks), -101, -152 (bottlenecks)
+
+#: torchvision's resnet18/34/50/101/152 with 1000 classes, counted to the parameter: the
+#: official definitions, so these must be exact.
+TORCHVISION_PARAMETERS = {
+    18: 11_689_512,
+    34: 21_797_672,
+    50: 25_557_032,
+    101: 44_549_160,
+    152: 60_192_808,
+}
+
+#: CBAM's Table 4 (ImageNet-1K): (depth, attention) -> (parameters in M, GFLOPs), as
+#: printed, i.e. rounded to 2 and 3 decimals. "GFLOPs" are multiply-accumulates in the
+#: "v1" layout (ResNet-50's 3.858). SE with r = 16 and biases; CBAM in the official
+#: form (MLP biases, spatial BN), the form whose 28.09M the table gives for ResNet-50.
+CBAM_TABLE_4 = {
+    (18, None): (11.69, 1.814),
+    (18, "se"): (11.78, 1.814),
+    (18, "cbam"): (11.78, 1.815),
+    (34, None): (21.80, 3.664),
+    (34, "se"): (21.96, 3.664),
+    (34, "cbam"): (21.96, 3.665),
+    (50, None): (25.56, 3.858),
+    (50, "se"): (28.09, 3.860),
+    (50, "cbam"): (28.09, 3.864),
+    (101, None): (44.55, 7.570),
+    (101, "se"): (49.33, 7.575),
+    (101, "cbam"): (49.33, 7.581),
+}
+
+#: The SE paper's ResNet-101 and -152 with and without SE blocks, in M (one decimal).
+SE_PAPER = {(101, None): 44.5, (101, "se"): 49.3, (152, None): 60.2, (152, "se"): 66.8}
+
+ATTENTION_OPTIONS = {None: None, "se": {"reduction": 16}, "cbam": {"variant": "official"}}
+
+
+def on_meta_resnet(depth: int, attention: str | None = None, **kwargs) -> ResNet:
+    return on_meta(
+        resnet, depth, attention=attention, attention_options=ATTENTION_OPTIONS[attention], **kwargs
+    )
+
+
+@pytest.mark.parametrize("layout", ["v1", "torchvision"])
+@pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMETERS))
+def test_resnet_depths_parameters_exact(depth: int, layout: str) -> None:
+    model = on_meta(resnet, depth, layout=layout)
+    assert count_parameters(model) == TORCHVISION_PARAMETERS[depth]
+    block, layers = DEPTHS[depth]
+    assert model.layers == layers and model.block == block
+    kind = BasicBlock if block == "basic" else Bottleneck
+    assert all(type(b) is kind for b in model.blocks())
+    assert model.fc.in_features == model.stage_channels[-1] == (512 if block == "basic" else 2048)
+
+
+@pytest.mark.parametrize(("depth", "attention"), sorted(CBAM_TABLE_4, key=str))
+def test_cbam_table_4(depth: int, attention: str | None) -> None:
+    params, gmacs = CBAM_TABLE_4[depth, attention]
+    model = on_meta_resnet(depth, attention)
+    assert round(count_parameters(model) / 1e6, 2) == params, "parameters, to all digits"
+    assert round(count_macs(model) / 1e9, 3) == gmacs, "GMAC (v1 layout), to all digits"
+
+
+@pytest.mark.parametrize(("depth", "attention"), sorted(SE_PAPER, key=str))
+def test_se_paper_deeper_networks(depth: int, attention: str | None) -> None:
+    n = count_parameters(on_meta_resnet(depth, attention))
+    assert round(n / 1e6, 1) == SE_PAPER[depth, attention]
+
+
+@pytest.mark.parametrize("depth", [18, 34, 101, 152])
+def test_se_parameters_by_hand_any_depth(depth: int) -> None:
+    """SE adds 2 C^2 / r weights and C + C / r biases per block, C the block's output."""
+    base = on_meta(resnet, depth)
+    extra = sum(
+        2 * b.out_channels**2 // 16 + b.out_channels + b.out_channels // 16 for b in base.blocks()
+    )
+    assert count_parameters(on_meta_resnet(depth, "se")) == count_parameters(base) + extra
+
+
+def test_resnet50_is_resnet_50() -> None:
+    a, b = on_meta(resnet50, layout="torchvision"), on_meta(resnet, 50, layout="torchvision")
+    assert repr(a) == repr(b)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {
+        k: v.shape for k, v in b.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        ((20,), {}, ValueError),
+        (("50",), {}, ValueError),
+        ((18,), {"layers": (1, 1, 1, 1)}, TypeError),
+        ((18,), {"block": "bottleneck"}, TypeError),
+    ],
+)
+def test_resnet_bad_arguments(args: tuple, kwargs: dict, error: type) -> None:
+    with pytest.raises(error, match="resnet"):
+        resnet(*args, **kwargs)
+
+
+def test_resnet_bad_block() -> None:
+    with pytest.raises(ValueError, match="block"):
+        ResNet((1, 1, 1, 1), block="wide")
+
+
+def torchvision_resnet18_keys() -> list[str]:
+    """The key names of torchvision's ResNet-18 state dict, written out from its layout."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["conv1.weight", *(f"bn1.{s}" for s in bn)]
+    for stage in range(1, 5):
+        for i in range(2):
+            p = f"layer{stage}.{i}."
+            for j in (1, 2):
+                keys += [f"{p}conv{j}.weight", *(f"{p}bn{j}.{s}" for s in bn)]
+            if i == 0 and stage > 1:
+                keys += [f"{p}downsample.0.weight", *(f"{p}downsample.1.{s}" for s in bn)]
+    return [*keys, "fc.weight", "fc.bias"]
+
+
+def test_resnet18_takes_torchvision_keys() -> None:
+    ours = on_meta(resnet, 18).state_dict()
+    converted = convert_torchvision_state_dict(dict.fromkeys(torchvision_resnet18_keys()))
+    assert list(converted) == list(ours)
+
+
+def small_basic_resnet(**kwargs) -> ResNet:
+    """ResNet-18's blocks, narrow and shallow, for the hook tests."""
+    return ResNet((2, 1, 1, 1), num_classes=5, widths=(4, 4, 8, 8), block="basic", **kwargs)
+
+
+def test_basic_block_attention_after_bn2() -> None:
+    Halve.built = []
+    model = randomize_(small_basic_resnet(attention=Halve).double(), 10).eval()
+    assert Halve.built == [4, 4, 4, 8, 8]  # w of every block: a basic block does not expand
+    blocks = model.blocks()
+    records = [{} for _ in blocks]
+
+    def save(seen, key):
+        return lambda module, args, out: seen.__setitem__(key, (args, out))
+
+    for block, seen in zip(blocks, records, strict=True):
+        block.register_forward_hook(save(seen, "block"))
+        block.bn2.register_forward_hook(save(seen, "bn2"))
+        block.attention.register_forward_hook(save(seen, "attention"))
+        if block.downsample is not None:
+            block.downsample.register_forward_hook(save(seen, "downsample"))
+    model(image())
+    for block, seen in zip(blocks, records, strict=True):
+        (att_in,), att_out = seen["attention"]
+        assert att_in is seen["bn2"][1]  # the attention reads bn2's output ...
+        identity = seen["downsample"][1] if block.downsample is not None else seen["block"][0][0]
+        # ... and its output is what gets added to the identity branch.
+        assert torch.equal(seen["block"][1], torch.relu(identity + att_out))
+
+
+@pytest.mark.parametrize("stages", [(3, 4), (1, 2, 3, 4)])
+def test_basic_block_fusion_add_is_the_plain_network(stages: tuple[int, ...]) -> None:
+    plain = randomize_(small_basic_resnet().double(), 11).eval()
+    fused = small_basic_resnet(fusion=Add, fusion_stages=stages).double().eval()
+    fused.load_state_dict(plain.state_dict())
+    x = image()
+    assert torch.equal(fused(x), plain(x))
+    for stage in range(1, 5):
+        for block in getattr(fused, f"layer{stage}"):
+            assert (block.fusion is not None) == (stage in stages)
+    taken = small_basic_resnet(fusion=TakeX, fusion_stages=(4,)).double().eval()
+    taken.load_state_dict(plain.state_dict())
+    assert not torch.equal(taken(x), plain(x))  # the fusion's result is what goes on
+
+
+@pytest.mark.parametrize("name", ["se", "cbam", "bam", "double_attention"])
+def test_basic_resnet_with_each_attention_trains(name: str) -> None:
+    model = randomize_(small_basic_resnet(attention=name, attention_options={"reduction": 2}), 12)
+    x = image().float()
+    model.train()(x).logsumexp(1).sum().backward()
+    for key, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), key
+    assert all(b.attention.channels == b.out_channels for b in model.blocks())
+
+
+def test_basic_resnet_device_dtype_and_meta(device: str) -> None:
+    model = small_basic_resnet(attention="se", device=device, dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {p.device.type for p in model.parameters()} == {device}
+    out = model.eval()(image().to(device))
+    assert out.shape == (2, 5) and out.dtype == torch.float64
+    with torch.device("meta"):
+        assert count_parameters(resnet(18, attention="cbam")) > 0  # builds without memory
