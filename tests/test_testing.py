@@ -283,10 +283,18 @@ def test_key_map_to_a_missing_key_names_it():
 
 
 def test_ambiguous_shapes_list_the_candidates():
-    module = SqueezeExcitation(16, hidden_channels=16)
+    module = _Renamed(16, 16)  # other names: matched by shapes, three of (16, 16) for two
     module.register_parameter("extra", nn.Parameter(torch.zeros(16, 16)))
     with pytest.raises(ValueError, match=r"ambiguous(.|\n)*extra(.|\n)*key_map"):
         compare(module, "se")
+
+
+def test_a_width_the_caller_gives_is_checked_not_replaced():
+    module = refimpl.registry.randomize_(refimpl.cbam.CBAM(16, reduction=4).double(), seed=1)
+    with pytest.raises(ValueError, match="cannot match"):
+        compare(module, "cbam", options={"reduction": 16})
+    compare(module, "cbam", options={"reduction": 4}).assert_ok()
+    compare(module, "cbam").assert_ok()  # none given: read from the weights
 
 
 def test_unknown_converter_lists_the_known_ones():
@@ -364,7 +372,7 @@ def test_cli_key_map_file(capsys, tmp_path):
             "--key-map",
             str(path),
             "--option",
-            "reduction=4",
+            "reduction=16",
         ]
     )
     assert status == 0, capsys.readouterr().out

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         options, key_map = _options(args.option), _key_map(args.key_map)
         if args.channels < 1:
             raise UsageError(f"--channels must be positive, got {args.channels}")
+        torch.manual_seed(0)  # the factory's own initialisation: the same report each run
         try:
             module = factory(args.channels)
         except Exception as err:
