@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One parser, one subparser per command; each sets ``func(args) -> exit status``."""
     from refimpl.bench import add_arguments as add_bench_arguments
     from refimpl.bench import run_command as run_bench
+    from refimpl.bench.core import DESCRIPTION as BENCH_DESCRIPTION
     from refimpl.check import LEGEND
 
     check_options = _check_options()
@@ -218,10 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="speed and memory against x.clone() and other implementations",
-        description="Time forward (eval, no grad) and forward+backward (train) of every "
-        "registered module against x.clone() and other implementations, interleaved and "
-        "repeated; report medians, ratios with their quartiles, and bytes saved for backward "
-        "as a markdown table. Exit status 1 if a component could not be benchmarked.",
+        description=BENCH_DESCRIPTION,
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=lambda args: run_bench(args, prog=f"{PROG} bench"))
