@@ -1,8 +1,10 @@
-"""BAM: NumPy against PyTorch, the paper's invariants, the official form, the network."""
+"""BAM: what is particular to the paper: named steps, literals, the maps' invariants, the
+official form, its weights and bugs, the network. What every component promises (oracle
+agreement, module promises, bad input, compile, export, gradcheck, the shared invariants)
+is tested by tests/test_contract.py."""
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 
@@ -31,21 +33,23 @@ from refimpl.bam import (
 from refimpl.bam.convert import OFFICIAL_OPTIONS
 from refimpl.bam.popular import OfficialBAM, ZooBAM, build_official_bam, load_official_bam
 from refimpl.bam.registry import PAPER
-from refimpl.bam.torch_module import COMBINES, NORMS
-from refimpl.registry import randomize_, state_dict_numpy
-from tests.strategies import assert_close_report, nchw_shapes, normal, seeds, spread, to_torch
-
-# Options drawn with the shape. C from 1 upward, so C < r (hidden width 1) comes up often;
-# dilations up to 5 exceed most drawn sizes, so taps beyond the border are the rule.
-options = st.fixed_dictionaries(
-    {
-        "reduction": st.sampled_from([1, 2, 4, 16]),
-        "dilation": st.integers(1, 5),
-        "norm": st.sampled_from(NORMS),
-        "combine": st.sampled_from(COMBINES),
-    }
+from refimpl.bam.torch_module import COMBINES
+from refimpl.registry import get, randomize_, state_dict_numpy
+from tests.strategies import (
+    assert_close_report,
+    nchw_shapes,
+    normal,
+    options_for,
+    seeds,
+    shapes_for,
+    to_torch,
 )
-shapes = nchw_shapes(max_c=40)
+
+BAM_COMPONENT = get("bam")
+# Options from the option space declared in refimpl/bam/registry.py: C from 1 upward, so
+# C < r comes up often; dilations up to 5 exceed most drawn sizes (taps beyond the border).
+options = options_for(BAM_COMPONENT)
+shapes = shapes_for(BAM_COMPONENT)
 PAPER_OPTS = {"reduction": 4, "dilation": 4, "norm": "output", "combine": "sum"}
 
 
@@ -62,43 +66,13 @@ def numpy_options(opts: dict) -> dict:
 
 def for_mode(shape: tuple[int, ...], training: bool) -> tuple[int, ...]:
     """Training mode needs N >= 2 (the batch norm after the global pooling)."""
-    return (max(shape[0], 2), *shape[1:]) if training else shape
+    shape = (max(shape[0], 2), *shape[1:]) if training else shape
+    assert BAM_COMPONENT.valid({}, shape, training)  # the registry's constraint agrees
+    return shape
 
 
 # ---------------------------------------------------------------------------------------
-# Agreement: NumPy float64 is the oracle.
-
-
-@given(shape=shapes, opts=options, seed=seeds, training=st.booleans())
-@example(shape=(1, 1, 1, 1), opts={**PAPER_OPTS, "reduction": 16}, seed=0, training=False)
-@example(shape=(2, 3, 1, 1), opts={**PAPER_OPTS, "norm": "hidden"}, seed=1, training=True)
-@example(shape=(2, 16, 1, 17), opts={**PAPER_OPTS, "combine": "product"}, seed=2, training=True)
-def test_agrees_with_numpy_float64(device, shape, opts, seed, training):
-    shape = for_mode(shape, training)
-    module = build(shape[1], opts, seed, device).train(training)
-    params = state_dict_numpy(module)  # before the forward: training updates statistics
-    x = normal(shape, seed + 1)
-    expected = bam(x, params, training=training, **numpy_options(opts))
-    actual = module(to_torch(x, device)).detach().cpu().numpy()
-    # float64 on both sides; the differences are summation orders in the convolutions,
-    # means and batch statistics: a few ulps, amplified at most ~100x by a batch norm.
-    assert_close_report(actual, expected, rtol=1e-10, atol=1e-12, what="float64")
-
-
-@given(shape=shapes, opts=options, seed=seeds, training=st.booleans())
-def test_agrees_with_numpy_float32(device, shape, opts, seed, training):
-    shape = for_mode(shape, training)
-    module = build(shape[1], opts, seed, device, torch.float32).train(training)
-    params = state_dict_numpy(module)
-    x = to_torch(normal(shape, seed + 1), dtype=torch.float32).double().numpy()  # rounded
-    expected = bam(x, params, training=training, **numpy_options(opts))
-    actual = module(to_torch(x, device, torch.float32)).detach().cpu().double().numpy()
-    # Eval: float32 rounding (6e-8) accumulated over sums of a few hundred terms. Training:
-    # the channel branch's batch norm normalises 2-3 pooled values; where two nearly
-    # coincide it amplifies its input's rounding up to 1 / sqrt(eps) ~ 316 times (see the
-    # component's registered tolerance). A real error is O(1).
-    rtol, atol = (1e-4, 1e-5) if training else (1e-5, 1e-6)
-    assert_close_report(actual, expected, rtol=rtol, atol=atol, what="float32")
+# Named steps and literals (agreement with the oracle: tests/test_contract.py).
 
 
 @given(shape=shapes, opts=options, seed=seeds, training=st.booleans())
@@ -305,17 +279,6 @@ def test_zero_output_layer_leaves_the_spatial_gate(shape, opts, seed):
         torch.testing.assert_close(maps["M"], expected, rtol=1e-15, atol=0)
 
 
-@given(shape=nchw_shapes(max_n=1, max_c=40), opts=options, seed=seeds, n=st.integers(2, 3))
-def test_batch_items_are_independent_in_eval(shape, opts, seed, n):
-    module = build(shape[1], opts, seed).eval()
-    batch = to_torch(normal((n, *shape[1:]), seed + 1))
-    together = module(batch)
-    # Not bitwise: BLAS and the convolutions may block differently for another batch size.
-    for i in range(n):
-        alone = module(batch[i : i + 1])
-        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-13, atol=1e-15)
-
-
 def test_training_mode_couples_the_batch():
     """In training mode batch norm uses batch statistics: items are not independent
     (the reason the eval-mode property above is stated for eval)."""
@@ -347,56 +310,8 @@ def test_training_with_one_item_raises_a_clear_error():
 # Autograd.
 
 
-@pytest.fixture
-def one_thread():
-    """gradcheck runs a few hundred forwards on tensors of a few hundred elements, where
-    waking a second thread costs more than it saves (on a loaded machine, 50x more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize(
-    "norm, combine, training",
-    [("output", "sum", True), ("output", "product", False), ("hidden", "sum", False)]
-    + [("hidden", "product", True)],
-)
-def test_gradcheck(device, norm, combine, training, one_thread):
-    """Every option and both modes, each once (batch statistics are in the train cases)."""
-    opts = {"reduction": 2, "dilation": 2, "norm": norm, "combine": combine}
-    module = build(4, opts, seed=3, device=device).train(training)
-    x = to_torch(spread((2, 4, 3, 5), 4) * 3, device).requires_grad_()
-    names = [n for n, _ in module.named_parameters()]
-
-    def f(x, *weights):
-        state = dict(zip(names, weights, strict=True))
-        return torch.func.functional_call(module, state, (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *module.parameters()), eps=1e-6, atol=1e-7)
-
-
 # ---------------------------------------------------------------------------------------
 # What a PyTorch module promises.
-
-
-@pytest.mark.parametrize("norm", NORMS)
-def test_input_not_modified(device, norm):
-    module = build(8, {**PAPER_OPTS, "norm": norm}, seed=0, device=device).train()
-    x = to_torch(normal((2, 8, 5, 5), 1), device).requires_grad_()
-    before = x.detach().clone()
-    module(x).sum().backward()
-    assert torch.equal(x.detach(), before)
-
-
-@pytest.mark.parametrize("grad", [True, False])  # the output step differs (see forward)
-def test_channels_last(device, grad):
-    module = build(16, PAPER_OPTS, seed=0, device=device).eval()
-    x = to_torch(normal((2, 16, 7, 5), 1), device)
-    with torch.set_grad_enabled(grad):
-        out_cl = module(x.contiguous(memory_format=torch.channels_last))
-        torch.testing.assert_close(out_cl, module(x), rtol=1e-12, atol=1e-14)
-    assert out_cl.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_no_grad_and_grad_paths_agree():
@@ -406,60 +321,6 @@ def test_no_grad_and_grad_paths_agree():
     with torch.no_grad():
         fused = module(x)
     torch.testing.assert_close(module(x), fused, rtol=1e-15, atol=1e-15)
-
-
-def test_float32_output_dtype_and_device(device):
-    module = BAM(16, 4).to(device).eval()
-    out = module(torch.ones(1, 16, 3, 3, device=device))
-    assert out.dtype == torch.float32 and out.device.type == device
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_stays_finite_and_close(device, dtype):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("float16 autocast is a CUDA feature; bfloat16 covers the CPU")
-    module = build(32, PAPER_OPTS, seed=0, device=device, dtype=torch.float32).eval()
-    x = to_torch(normal((2, 32, 9, 9), 1) * 10, device, torch.float32)
-    with torch.autocast(device_type=device, dtype=dtype):
-        out = module(x)
-    assert torch.isfinite(out).all() and out.dtype == torch.float32
-    # The map passes through bfloat16 (8 bits of mantissa): F' = F (1 + M) is off by about
-    # |F| 2^-8; the convolutions' bfloat16 products add a little more.
-    torch.testing.assert_close(out, module(x), rtol=2e-2, atol=5e-2)
-
-
-def test_compile_fullgraph_eager_backend_all_options():
-    """Graph capture with no break, for every option, eval and train (no code generation)."""
-    torch._dynamo.reset()  # eight variants of one forward: start from an empty cache
-    x = to_torch(normal((2, 8, 5, 3), 2))
-    for norm in NORMS:
-        for combine in COMBINES:
-            for training in (False, True):
-                opts = {"reduction": 2, "dilation": 3, "norm": norm, "combine": combine}
-                module = build(8, opts, seed=1).train(training)
-                reference = copy.deepcopy(module)
-                compiled = torch.compile(module, fullgraph=True, backend="eager")
-                torch.testing.assert_close(compiled(x), reference(x), rtol=1e-12, atol=1e-14)
-    torch._dynamo.reset()  # the no_grad path of the output step: a ninth variant
-    compiled = torch.compile(reference.eval(), fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-12, atol=0)
-
-
-@pytest.mark.slow
-def test_compile_fullgraph_inductor():
-    torch._dynamo.reset()  # not counted against the recompile limit of earlier tests
-    module = build(16, PAPER_OPTS, seed=1, dtype=torch.float32).eval()
-    x = to_torch(normal((2, 16, 7, 7), 2), dtype=torch.float32)
-    compiled = torch.compile(module, fullgraph=True)
-    torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
-
-
-def test_export():
-    module = build(8, {**PAPER_OPTS, "reduction": 2}, seed=1).eval()
-    x = to_torch(normal((2, 8, 5, 3), 2))
-    exported = torch.export.export(module, (x,))
-    torch.testing.assert_close(exported.module()(x), module(x), rtol=0, atol=0)
 
 
 def test_state_dict_keys_are_the_numpy_params():
@@ -479,16 +340,6 @@ def test_state_dict_keys_are_the_numpy_params():
     )
     assert list(BAM(32).state_dict()) == paper
     assert list(BAM(32, norm="hidden", combine="product").state_dict()) == official
-
-
-@given(channels=st.integers(1, 300), reduction=st.integers(1, 64))
-def test_hidden_width_is_floor_of_c_over_r_at_least_one(channels, reduction):
-    module = BAM(channels, reduction)
-    hidden = max(1, channels // reduction)
-    assert module.hidden_channels == hidden
-    assert module.channel_gate.fc0.weight.shape == (hidden, channels)
-    assert module.spatial_gate.conv0.weight.shape == (hidden, channels, 1, 1)
-    assert module.spatial_gate.conv1.weight.shape == (hidden, hidden, 3, 3)
 
 
 def test_hidden_channels_given_directly_and_dilation_stored():
@@ -539,32 +390,6 @@ def test_registry_component(monkeypatch):
 # Bad input: clear errors that say what was expected and what came.
 
 
-@pytest.mark.parametrize(
-    "x, error, words",
-    [
-        (torch.zeros(8, 5, 5), ValueError, ["(N, C, H, W)", "3 dimensions"]),
-        (torch.zeros(1, 8, 5, 5, 1), ValueError, ["(N, C, H, W)", "5 dimensions"]),
-        (torch.zeros(1, 7, 5, 5), ValueError, ["8 channels", "7 channels"]),
-        (torch.zeros(0, 8, 5, 5), ValueError, ["non-empty"]),
-        (torch.zeros(1, 8, 0, 5), ValueError, ["non-empty"]),
-        (torch.zeros(1, 8, 5, 5, dtype=torch.int64), TypeError, ["floating point", "int64"]),
-        (torch.zeros(1, 8, 5, 5, dtype=torch.complex64), TypeError, ["complex64"]),
-        (np.zeros((1, 8, 5, 5)), TypeError, ["torch.Tensor", "ndarray"]),
-    ],
-)
-def test_bad_input_raises_clear_errors(x, error, words):
-    module = BAM(8, 2).eval()
-    with pytest.raises(error) as info:
-        module(x)
-    for word in words:
-        assert word in str(info.value)
-    if isinstance(x, torch.Tensor):  # the NumPy side says the same
-        with pytest.raises(error) as np_info:
-            bam(x.numpy(), state_dict_numpy(module))
-        for word in words:
-            assert word in str(np_info.value)
-
-
 BAD_OPTIONS = [
     ({"channels": 0}, ["channels", "positive"]),
     ({"channels": 8, "reduction": 0}, ["reduction"]),
@@ -602,13 +427,6 @@ def test_numpy_rejects_bad_options():
         bam(x, params, combine="max")
     with pytest.raises(ValueError, match="dilation"):
         bam(x, params, dilation=0)
-
-
-def test_deepcopy_and_eval_mode_are_stable():
-    module = build(8, PAPER_OPTS, seed=5).eval()
-    x = to_torch(normal((3, 8, 4, 4), 6))
-    clone = copy.deepcopy(module)
-    torch.testing.assert_close(clone(x), module(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
