@@ -47,6 +47,22 @@ def test_tutorials_exist() -> None:
     assert NOTEBOOKS, f"no notebooks in {TUTORIALS}"
 
 
+#: The naming rule of tutorials/README.md: two digits of reading order, an optional letter
+#: for a companion of the notebook with the same number, the topic in snake_case.
+NAME_RULE = re.compile(r"(?P<number>\d\d)(?P<companion>[a-z]?)_[a-z0-9]+(?:_[a-z0-9]+)*\.ipynb")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_name_follows_the_rule_and_the_readme_lists_it(path: Path) -> None:
+    match = NAME_RULE.fullmatch(path.name)
+    assert match, f"{path.name} does not follow NN_topic.ipynb (see tutorials/README.md)"
+    if match["companion"]:
+        main = [p for p in NOTEBOOKS if p.name.startswith(f"{match['number']}_")]
+        assert main, f"{path.name} is a companion, but no {match['number']}_*.ipynb exists"
+    readme = (TUTORIALS / "README.md").read_text(encoding="utf-8")
+    assert f"]({path.name})" in readme, f"tutorials/README.md does not link {path.name}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
