@@ -588,10 +588,15 @@ def test_export(comp):
 
 #: Autocast against float32, elementwise: ``|out - ref| <= rtol |ref| + atol max |ref|``.
 #: The convolutions and products run in bfloat16 (8 bits of mantissa, 2^-9 relative): a
-#: gate's logits of order 10 are off by ~0.04, a sigmoid by a quarter of that; the deep
-#: residual attention module rounds on each of ~10 convolutions of its longest path. A
-#: wrong formula (an axis, a missing term) is off by O(1).
-AUTOCAST_TOLERANCE = (2e-2, 5e-2)
+#: gate's logits of order 10 are off by ~0.04, a sigmoid by a quarter of that; deep modules
+#: round on each convolution of their longest path. Measured (bfloat16, every covering
+#: option set), the part beyond 2e-2 |ref|: at most 6.4e-3 of max |ref| (mask head), 0 for
+#: the CBAM gates and BAM. A wrong formula (an axis, a missing term) is off by O(1).
+AUTOCAST_TOLERANCE = (2e-2, 1e-2)
+#: The soft mask branch's output is the mask itself, M in (0, 1), after up to 3 poolings,
+#: 2 depth + 1 units of three bfloat16 convolutions and the upsamplings: measured 2.8e-2
+#: of max |ref| beyond 2e-2 |ref| (the whole attention module: 2.9e-3).
+AUTOCAST_TOLERANCE_OF = {"soft_mask_branch": (2e-2, 5e-2)}
 
 
 @each()
@@ -602,7 +607,7 @@ def test_autocast_stays_finite_and_close(device, comp, dtype):
     if device == "cpu" and dtype == torch.float16:
         pytest.skip("float16 autocast is a CUDA feature; bfloat16 covers the CPU")
     shape = fixed_shape(comp, c=32, h=9, w=9)
-    rtol, atol = AUTOCAST_TOLERANCE
+    rtol, atol = AUTOCAST_TOLERANCE_OF.get(comp.name, AUTOCAST_TOLERANCE)
     for opts in covering_options(comp, shape, True):
         module, inputs, _ = build(comp, opts, shape, device=device, dtype=torch.float32)
         module.eval()

@@ -1,5 +1,7 @@
-"""A^2-Nets double attention: NumPy against PyTorch, the paper's invariants, robustness,
-the popular forms' deviations, and A^2-ResNet-50's counts."""
+"""A^2-Nets double attention: what is particular to the paper: its two association
+orders (forced, against the oracle, in gradients, layouts and autocast), named steps, a
+literal, the maps' invariants, the popular forms' deviations, A^2-ResNet-50's counts.
+What every component promises is tested by tests/test_contract.py."""
 
 from __future__ import annotations
 
@@ -35,8 +37,15 @@ from refimpl.double_attention.popular import (
     variant_forward,
 )
 from refimpl.double_attention.registry import PAPER
-from refimpl.registry import randomize_, state_dict_numpy
-from tests.strategies import assert_close_report, nchw_shapes, normal, seeds, to_torch
+from refimpl.registry import get, randomize_, state_dict_numpy
+from tests.strategies import (
+    assert_close_report,
+    normal,
+    options_for,
+    seeds,
+    shapes_for,
+    to_torch,
+)
 
 # The module associates its products in one of two orders depending on hw against c
 # (DoubleAttention.reassociate). "auto" keeps its choice; the others force one order, so
@@ -44,28 +53,19 @@ from tests.strategies import assert_close_report, nchw_shapes, normal, seeds, to
 ORDERS = ("auto", "reassociated", "paper")
 
 
+DA = get("double_attention")
+
+
 @st.composite
-def options(draw: st.DrawFn, channels: int) -> dict:
-    """Constructor options: widths by reduction or given (m != n, m > c included), each of
-    the output convolution and the residual on or off (the bare operator included)."""
-    opts = {
-        "bias": draw(st.booleans()),
-        "output_conv": draw(st.booleans()),
-        "residual": draw(st.booleans()),
-    }
-    if draw(st.booleans()):
-        opts["reduction"] = draw(st.sampled_from([1, 2, 4, 8]))
-    else:
-        opts["m"], opts["n"] = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+def cases(draw: st.DrawFn, *, max_n: int = 3, min_hw: int = 1) -> tuple[tuple[int, ...], dict]:
+    """A shape and constructor options from the option space declared in
+    refimpl/double_attention/registry.py (widths by reduction or given, m != n and m > c
+    included; the output convolution and the residual each on or off)."""
+    shape = draw(shapes_for(DA, N=(1, max_n), H=(min_hw, 17), W=(min_hw, 17)))
+    opts = dict(draw(options_for(DA)))
     if opts["residual"] and not opts["output_conv"]:
-        opts["m"] = channels  # Z is added to X: it must have c channels
-    return opts
-
-
-@st.composite
-def cases(draw: st.DrawFn, **shape_kwargs) -> tuple[tuple[int, ...], dict]:
-    shape = draw(nchw_shapes(**shape_kwargs))
-    return shape, draw(options(shape[1]))
+        opts["m"] = shape[1]  # Z is added to X: it must have c channels (as the registry's)
+    return shape, opts
 
 
 def build(channels, opts, seed, device="cpu", dtype=torch.float64, order="auto"):
@@ -86,14 +86,15 @@ def oracle(module, x, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------
-# Agreement: NumPy float64 is the oracle.
+# Agreement in both association orders, forced (the contract test, tests/test_contract.py,
+# covers the module's own choice, with every other promise).
 
 
-@given(case=cases(), seed=seeds, training=st.booleans(), order=st.sampled_from(ORDERS))
+@given(case=cases(), seed=seeds, training=st.booleans(), order=st.sampled_from(ORDERS[1:]))
 @example(case=((1, 1, 1, 1), {"bias": True, "output_conv": True, "residual": True}), seed=0,
-         training=False, order="auto")  # fmt: skip
+         training=False, order="paper")  # fmt: skip
 @example(case=((2, 3, 17, 17), {"m": 40, "n": 1, "bias": True, "output_conv": True,
-         "residual": False}), seed=1, training=True, order="auto")  # fmt: skip
+         "residual": False}), seed=1, training=True, order="reassociated")  # fmt: skip
 def test_agrees_with_numpy_float64(device, case, seed, training, order):
     shape, opts = case
     module = build(shape[1], opts, seed, device, order=order).train(training)
@@ -105,7 +106,7 @@ def test_agrees_with_numpy_float64(device, case, seed, training, order):
     assert_close_report(actual, expected, rtol=1e-10, atol=1e-12, what="float64")
 
 
-@given(case=cases(), seed=seeds, order=st.sampled_from(ORDERS))
+@given(case=cases(), seed=seeds, order=st.sampled_from(ORDERS[1:]))
 def test_agrees_with_numpy_float32(device, case, seed, order):
     shape, opts = case
     module = build(shape[1], opts, seed, device, torch.float32, order)
@@ -208,35 +209,6 @@ def test_z_is_a_convex_combination_of_gs_columns(case, seed, order):
     low, high = G.amin(2, keepdim=True), G.amax(2, keepdim=True)
     slack = 1e-12 * (1 + G.abs().amax())
     assert bool((Z >= low - slack).all() and (Z <= high + slack).all())
-
-
-@given(case=cases(min_hw=2), seed=seeds)
-def test_equivariant_to_position_permutations(case, seed):
-    """1x1 convolutions and position-symmetric pooling: permuting positions permutes out."""
-    shape, opts = case
-    module = build(shape[1], opts, seed)
-    x = to_torch(normal(shape, seed + 1))
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(shape[2] * shape[3]))
-
-    def permute(t):
-        return t.flatten(2)[:, :, perm].reshape(t.shape)
-
-    out, maps = module(x, return_maps=True)
-    out_p, maps_p = module(permute(x), return_maps=True)
-    torch.testing.assert_close(out_p, permute(out), rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(maps_p["G"], maps["G"], rtol=1e-12, atol=1e-13)  # G: invariant
-
-
-@given(case=cases(max_n=1), seed=seeds, n=st.integers(2, 3))
-def test_batch_items_are_independent(case, seed, n):
-    """Each item's output is what it gets alone: the most-copied code's bug is absent."""
-    shape, opts = case
-    module = build(shape[1], opts, seed)
-    batch = to_torch(normal((n, *shape[1:]), seed + 1))
-    together = module(batch)
-    for i in range(n):  # not bitwise: BLAS may block differently for another batch size
-        torch.testing.assert_close(together[i : i + 1], module(batch[i : i + 1]), rtol=1e-13,
-                                   atol=1e-13)  # fmt: skip
 
 
 @given(case=cases(), seed=seeds, shift=st.floats(-50, 50), row=st.floats(-50, 50))
@@ -345,12 +317,6 @@ def test_never_materialises_hw_by_hw_or_m_by_n_by_hw(order):
     assert 16 * Largest.numel <= min(N * hw * hw, N * 16 * 16 * hw)
 
 
-def test_float32_output_dtype_and_device(device):
-    module = DoubleAttention(8).to(device)
-    out = module(torch.ones(1, 8, 3, 3, device=device))
-    assert out.dtype == torch.float32 and out.device.type == device
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_stays_finite_and_close(device, dtype):
     if device == "cpu" and dtype == torch.float16:
@@ -377,48 +343,11 @@ COMPILE_OPTIONS = [
 ]
 
 
-def test_compile_fullgraph_eager_backend_all_options():
-    """Graph capture with no break, for every option and both orders (no code generation)."""
-    for opts in COMPILE_OPTIONS:
-        for hw in ((2, 3), (7, 5)):  # hw < c and hw > c: the two association orders
-            module = build(8, {"reduction": 2, **opts}, seed=1)
-            x = to_torch(normal((2, 8, *hw), 2))
-            torch._dynamo.reset()  # each module compiles afresh: no recompile limit to hit
-            compiled = torch.compile(module, fullgraph=True, backend="eager")
-            torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-13)
-            x_cl = x.contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(compiled(x_cl), module(x), rtol=1e-12, atol=1e-13)
-
-
-@pytest.mark.slow
-def test_compile_fullgraph_inductor():
-    module = build(16, {"reduction": 4}, seed=1, dtype=torch.float32)
-    x = to_torch(normal((2, 16, 7, 7), 2), dtype=torch.float32)
-    compiled = torch.compile(module, fullgraph=True)
-    torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
-
-
-def test_export():
-    for hw in ((2, 3), (7, 5)):
-        module = build(8, {"reduction": 2}, seed=1)
-        x = to_torch(normal((2, 8, *hw), 2))
-        exported = torch.export.export(module, (x,))
-        torch.testing.assert_close(exported.module()(x), module(x), rtol=0, atol=0)
-
-
 def test_state_dict_keys_are_the_numpy_params():
     keys = [f"{conv}.{p}" for conv in ("phi", "theta", "rho", "expand") for p in ("weight", "bias")]
     assert list(DoubleAttention(32).state_dict()) == keys
     assert list(DoubleAttention(32, bias=False).state_dict()) == keys[::2]
     assert list(DoubleAttention(32, output_conv=False, residual=False).state_dict()) == keys[:6]
-
-
-@given(channels=st.integers(1, 300), reduction=st.integers(1, 64))
-def test_widths_are_floor_of_c_over_r_at_least_one(channels, reduction):
-    module = DoubleAttention(channels, reduction=reduction)
-    assert module.m == module.n == max(1, channels // reduction)
-    assert module.phi.weight.shape == (module.m, channels, 1, 1)
-    assert module.expand.weight.shape == (channels, module.m, 1, 1)
 
 
 def test_widths_given_directly_and_default():
@@ -471,41 +400,8 @@ def test_registry_examples_and_invariants():
                 assert inv.ok, (seed, inv)
 
 
-def test_deepcopy_and_train_mode_do_not_change_the_output():
-    module = build(8, {"reduction": 2}, seed=5)
-    x = to_torch(normal((3, 8, 4, 4), 6))
-    clone = copy.deepcopy(module).train()
-    torch.testing.assert_close(clone(x), module.eval()(x), rtol=0, atol=0)
-
-
 # ---------------------------------------------------------------------------------------
 # Bad input: clear errors that say what was expected and what came.
-
-
-@pytest.mark.parametrize(
-    "x, error, words",
-    [
-        (torch.zeros(8, 5, 5), ValueError, ["(N, C, H, W)", "3 dimensions"]),
-        (torch.zeros(1, 8, 5, 5, 1), ValueError, ["(N, C, H, W)", "5 dimensions"]),
-        (torch.zeros(1, 7, 5, 5), ValueError, ["8 channels", "7 channels"]),
-        (torch.zeros(0, 8, 5, 5), ValueError, ["non-empty"]),
-        (torch.zeros(1, 8, 0, 5), ValueError, ["non-empty"]),
-        (torch.zeros(1, 8, 5, 5, dtype=torch.int64), TypeError, ["floating point", "int64"]),
-        (torch.zeros(1, 8, 5, 5, dtype=torch.complex64), TypeError, ["complex64"]),
-        (np.zeros((1, 8, 5, 5)), TypeError, ["torch.Tensor", "ndarray"]),
-    ],
-)
-def test_bad_input_raises_clear_errors(x, error, words):
-    module = DoubleAttention(8)
-    with pytest.raises(error) as info:
-        module(x)
-    for word in words:
-        assert word in str(info.value)
-    if isinstance(x, torch.Tensor):  # the NumPy side says the same
-        with pytest.raises(error) as np_info:
-            double_attention(x.numpy(), state_dict_numpy(module))
-        for word in words:
-            assert word in str(np_info.value)
 
 
 @pytest.mark.parametrize(

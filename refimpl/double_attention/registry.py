@@ -28,8 +28,8 @@ from refimpl.testing.properties import commutes_with_position_permutations
 #: by reduction (None) or given directly (m != n and m, n > c included); the output
 #: convolution and the residual each on or off (the bare operator included).
 OPTION_SPACE = {
-    "m": (None, None, 1, 3, 16, 40),
-    "n": (None, None, 1, 3, 16, 40),
+    "m": (None, None, None, 1, 2, 3, 5, 9, 16, 27, 40),
+    "n": (None, None, None, 1, 2, 3, 5, 9, 16, 27, 40),
     "reduction": (1, 2, 4, 8),
     "bias": (True, False),
     "output_conv": (True, True, True, False),

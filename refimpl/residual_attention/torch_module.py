@@ -36,11 +36,15 @@ residual-attention-network, ``Attention-56/92-deploy.prototxt``):
 
 Deviations, each an option or documented:
 
-* Pooling: the prototxt pools 3x3/2 with no padding and Caffe's ceil rounding; we pool
-  3x3/2 with padding 1 (floor rounding), as PyTorch ports and torchvision's ResNet stem
-  do. Both give the same sizes at every even size (56 -> 28 -> 14 -> 7); the
-  windows sit one pixel apart, and ours is defined down to 1x1 inputs, where Caffe's
-  ceil-without-padding pooling has no output.
+* Pooling (``pooling``): the prototxt pools 3x3/2 with no padding and Caffe's ceil
+  rounding (``pooling="caffe"``); by default we pool 3x3/2 with padding 1 (floor
+  rounding), as PyTorch ports and torchvision's ResNet stem do (``pooling="paper"``).
+  Both give the same sizes at every even size (56 -> 28 -> 14 -> 7); the windows sit one
+  pixel apart (in Attention-56 the mask branches' pooling alone moves the logits by about
+  0.1% relative at 224 x 224; see ``networks.py``). Ours is defined down to 1x1 inputs;
+  Caffe's has no output on a 1-pixel map, so a branch of depth D with
+  ``pooling="caffe"`` needs H, W >= 2^D (a clear ValueError below that; see
+  ``_pooling.py``).
 * Mask activation: the repository's newest prototxts (and the paper) end each mask in a
   sigmoid, f1; an older revision of ``model/Attention-*-deploy.prototxt`` used TanH.
   We follow the paper; f2 and f3 are the paper's Sec. 3.3 variants.
@@ -70,6 +74,11 @@ from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int
 from refimpl._torch_checks import check_torch_input
+from refimpl.residual_attention._pooling import (
+    MAX_POOL,
+    check_pooling,
+    check_pooling_size,
+)
 
 ACTIVATIONS = ("mixed", "channel", "spatial")
 LEARNINGS = ("arl", "nal")
@@ -272,8 +281,8 @@ class MaskHead(nn.Module):
 class SoftMaskBranch(nn.Module):
     r"""The soft mask branch M(x) (Sec. 3.2, Fig. 3): bottom-up, top-down, head.
 
-    Bottom-up, level i = 1 .. depth: max pooling 3x3/2, padding 1, then the units
-    ``down{i}`` (r of them; 2r at the deepest level). Top-down, level i = depth-1 .. 1:
+    Bottom-up, level i = 1 .. depth: max pooling 3x3/2, padding 1 (see ``pooling``), then
+    the units ``down{i}`` (r of them; 2r at the deepest level). Top-down, level i = depth-1 .. 1:
     bilinear upsampling to *exactly* the size of level i's bottom-up feature, plus the
     skip connection ``skip{i}`` (a residual unit on that feature) where there is one,
     then the units ``up{i}``. A last upsampling back to the input's size and the head
@@ -289,9 +298,16 @@ class SoftMaskBranch(nn.Module):
         activation: f1 ``"mixed"``, f2 ``"channel"`` or f3 ``"spatial"``.
         align_corners: bilinear upsampling with corners aligned (True, the official Caffe
             ``Interp`` layer) or pixel centres aligned (False).
+        pooling: ``"paper"`` (3x3/2, padding 1, floor rounding; PyTorch ports) or
+            ``"caffe"`` (3x3/2, no padding, ceil rounding; the official prototxt).
 
     Shape:
-        Input (N, C, H, W), any H, W >= 1; output M, (N, C, H, W).
+        Input (N, C, H, W), any H, W >= 1 (``pooling="caffe"``: H, W >= 2^depth); output
+        M, (N, C, H, W).
+
+    Deviations:
+        The official prototxt's pooling is ``pooling="caffe"``; the default follows the
+        PyTorch ports (padding 1). Same sizes at even sizes, windows one pixel apart.
     """
 
     def __init__(
@@ -303,9 +319,12 @@ class SoftMaskBranch(nn.Module):
         skips: int | None = None,
         activation: str = "mixed",
         align_corners: bool = True,
+        pooling: str = "paper",
     ) -> None:
         super().__init__()
         who = "SoftMaskBranch"
+        check_pooling(pooling, who)
+        self.pooling = pooling
         check_positive_int(channels, who, "channels")
         check_positive_int(r, who, "r")
         check_positive_int(depth, who, "depth")
@@ -337,7 +356,8 @@ class SoftMaskBranch(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, r={self.r}, depth={self.depth}, skips={self.skips}, "
-            f"activation={self.activation!r}, align_corners={self.align_corners}"
+            f"activation={self.activation!r}, align_corners={self.align_corners}, "
+            f"pooling={self.pooling!r}"
         )
 
     def _upsample(self, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -349,12 +369,13 @@ class SoftMaskBranch(nn.Module):
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
         """The mask M; with ``return_maps`` also ``{"s": logits, "M": M}``."""
         check_torch_input(x, self.channels, "SoftMaskBranch", "x")
+        check_pooling_size(x.shape[-2:], self.depth, self.pooling, "SoftMaskBranch")
         x, restore = _channels_last_on_cpu(x)
         # Bottom-up: features[i - 1] is level i's result, each about half the last's size.
         features = []
         h = x
         for i in range(1, self.depth + 1):
-            h = F.max_pool2d(h, kernel_size=3, stride=2, padding=1)  # (N, C, ceil(H/2), ...)
+            h = F.max_pool2d(h, **MAX_POOL[self.pooling])  # (N, C, ceil(H/2), ...) "paper"
             h = getattr(self, f"down{i}")(h)
             features.append(h)
         # Top-down: back up one level at a time, adding each level's skip connection.
@@ -396,11 +417,14 @@ class AttentionModule(nn.Module):
             run): ``force_mask=0.0`` with ARL gives H = T exactly. An attribute, so it can
             be set and unset on a built module.
         align_corners: the mask branch's bilinear upsampling (True: official Caffe).
+        pooling: the mask branch's max pooling, ``"paper"`` (3x3/2, padding 1) or
+            ``"caffe"`` (3x3/2, no padding, ceil rounding: the official prototxt; needs
+            H, W >= 2^depth). See :class:`SoftMaskBranch`.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1 (in training mode batch norm needs more than
-        one value per channel at every level); output (N, C, H, W), same dtype, device
-        and memory format.
+        one value per channel at every level; ``pooling="caffe"``: H, W >= 2^depth);
+        output (N, C, H, W), same dtype, device and memory format.
     """
 
     def __init__(
@@ -416,6 +440,7 @@ class AttentionModule(nn.Module):
         learning: str = "arl",
         force_mask: float | None = None,
         align_corners: bool = True,
+        pooling: str = "paper",
     ) -> None:
         super().__init__()
         who = "AttentionModule"
@@ -435,6 +460,7 @@ class AttentionModule(nn.Module):
             skips=skips,
             activation=activation,
             align_corners=align_corners,
+            pooling=pooling,
         )
         self.post = _units(p, channels)
 
@@ -449,7 +475,8 @@ class AttentionModule(nn.Module):
         return (
             f"channels={self.channels}, p={self.p}, t={self.t}, r={mask.r}, depth={mask.depth}, "
             f"skips={mask.skips}, activation={mask.activation!r}, learning={self.learning!r}, "
-            f"force_mask={self.force_mask}, align_corners={mask.align_corners}"
+            f"force_mask={self.force_mask}, align_corners={mask.align_corners}, "
+            f"pooling={mask.pooling!r}"
         )
 
     def combine(self, T: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -460,6 +487,8 @@ class AttentionModule(nn.Module):
         """The module's output; with ``return_maps`` also ``{"T": T, "M": M, "H": H}``."""
         check_torch_input(x, self.channels, "AttentionModule", "x")
         _check_force_mask(self.force_mask, "AttentionModule")
+        if self.force_mask is None:
+            check_pooling_size(x.shape[-2:], self.mask.depth, self.mask.pooling, "AttentionModule")
         x, restore = _channels_last_on_cpu(x)
         x = self.pre(x)  # p units, shared by both branches
         T = self.trunk(x)  # trunk branch, t units
