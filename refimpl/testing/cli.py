@@ -15,6 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: The help text (plain, no markup): what the command does and its exit status.
+DESCRIPTION = """Check an implementation against refimpl's NumPy oracle of a component.
+
+MODULE is package.module:factory, where factory(channels) returns the torch module to
+check (a class whose first argument is the channel count works as it is). Its own
+weights go to the oracle; outputs and input gradients are compared on seeded inputs,
+and where they differ the paper's catalogue of known variants is searched. Exit status:
+0 the module agrees, 1 it does not (the report names the variant it matches, if any),
+2 bad arguments."""
+
 #: The channel count the module is built with when --channels is not given.
 DEFAULT_CHANNELS = 32
 
@@ -28,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compare",
         help="check your implementation against refimpl's oracle",
-        description=__doc__.split("\n\n")[0].strip() + "\n\n" + __doc__.split("\n\n")[1],
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("module", metavar="MODULE", help="package.module:factory, factory(C) -> module")
