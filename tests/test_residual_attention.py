@@ -128,7 +128,9 @@ def test_maps_T_M_H_agree(shape, opts, seed):
     if opts["force_mask"] is None:
         pre = npf._units(x, params, "pre", False)
         M_branch = soft_mask_branch(
-            pre, npf._sub(params, "mask"), **{k: opts[k] for k in ("activation", "align_corners")}
+            pre,
+            {k[5:]: v for k, v in params.items() if k.startswith("mask.")},
+            **{k: opts[k] for k in ("activation", "align_corners")},
         )
         np.testing.assert_array_equal(M_branch, M)
 
@@ -487,7 +489,7 @@ def test_numpy_rejects_bad_options():
     with pytest.raises(ValueError, match="learning"):
         attention_module(x, params, learning="residual")
     unit = state_dict_numpy(ResidualUnit(4))
-    with pytest.raises(ValueError, match="projection"):
+    with pytest.raises(KeyError, match="projection"):
         residual_unit(np.zeros((1, 4, 3, 3)), unit, stride=2)
 
 
@@ -584,3 +586,96 @@ def test_network_passes_module_options():
         m.learning == "nal" and m.mask.activation == "spatial" for m in modules
     )
     copy.deepcopy(net)  # plain modules: deep-copyable
+
+
+# =======================================================================================
+# The mask branch's pooling option: "paper" (3x3/2, padding 1) and "caffe" (3x3/2, no
+# padding, ceil rounding: the official prototxt). Added with the strict oracle (issue 9).
+
+
+@given(
+    depth=st.integers(1, 3),
+    extra=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+    channels=st.integers(1, 6),
+    seed=seeds,
+)
+@example(depth=3, extra=(0, 0), channels=2, seed=0)  # the smallest size Caffe pools at
+@example(depth=2, extra=(1, 3), channels=3, seed=1)  # odd sizes: ceil rounding shows
+def test_caffe_pooling_agrees_with_numpy(depth, extra, channels, seed):
+    size = (2**depth + extra[0], 2**depth + extra[1])
+    module = randomize_(
+        AttentionModule(channels, 1, 1, 1, depth=depth, pooling="caffe").double(), seed
+    ).eval()
+    x = normal((2, channels, *size), seed + 1)
+    expected = attention_module(x, state_dict_numpy(module), pooling="caffe")
+    got = module(to_torch(x)).detach().numpy()
+    assert_close_report(got, expected, rtol=1e-10, atol=1e-12, what="caffe pooling, float64")
+
+
+def test_caffe_pooling_windows_literal():
+    """Caffe's windows start at 0, 2, 4, ...; ours one pixel earlier, in the padding. On a
+    ramp 0 .. 6 (7 pixels): Caffe pools [0:3], [2:5], [4:7] -> 2, 4, 6 (ceil((7-3)/2)+1 = 3
+    outputs); ours [-1:2], [1:4], [3:6], [5:8] -> 1, 3, 5, 6."""
+    ramp = np.arange(7.0).reshape(1, 1, 1, 7) * np.ones((1, 1, 3, 1))
+    from refimpl import numpy_functional as nf
+    from refimpl.residual_attention._pooling import MAX_POOL
+
+    assert nf.max_pool2d(ramp, **MAX_POOL["caffe"])[0, 0, 0].tolist() == [2, 4, 6]
+    assert nf.max_pool2d(ramp, **MAX_POOL["paper"])[0, 0, 0].tolist() == [1, 3, 5, 6]
+    for name in ("caffe", "paper"):
+        torch_out = torch.nn.functional.max_pool2d(to_torch(ramp), **MAX_POOL[name])
+        assert (
+            torch_out[0, 0, 0].tolist() == nf.max_pool2d(ramp, **MAX_POOL[name])[0, 0, 0].tolist()
+        )
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_caffe_pooling_minimum_size_is_tight(depth):
+    """2^depth pixels work; 2^depth - 1 raise a clear ValueError on both sides, and there
+    the raw pooling chain would really reach an empty map (the bound is not too strict)."""
+    module = AttentionModule(2, 0, 0, 1, depth=depth, pooling="caffe").double().eval()
+    params = state_dict_numpy(module)
+    smallest = 2**depth
+    for h, w in ((smallest, smallest), (smallest, 3 * smallest + 1)):
+        x = normal((1, 2, h, w), 0)
+        assert_close_report(
+            module(to_torch(x)).detach().numpy(),
+            attention_module(x, params, pooling="caffe"),
+            rtol=1e-10,
+            atol=1e-12,
+            what=f"{h}x{w}",
+        )
+    for h, w in ((smallest - 1, smallest), (smallest, smallest - 1)):
+        x = normal((1, 2, h, w), 0)
+        with pytest.raises(ValueError, match=rf"H, W >= 2\^{depth} = {smallest}"):
+            module(to_torch(x))
+        with pytest.raises(ValueError, match=rf"H, W >= 2\^{depth} = {smallest}"):
+            attention_module(x, params, pooling="caffe")
+        with pytest.raises(ValueError, match=rf"H, W >= 2\^{depth}"):
+            soft_mask_branch(
+                x, {k[5:]: v for k, v in params.items() if k[:5] == "mask."}, pooling="caffe"
+            )
+        h_raw = torch.zeros(1, 1, h, w)
+        with pytest.raises(RuntimeError):
+            for _ in range(depth):
+                h_raw = torch.nn.functional.max_pool2d(h_raw, 3, 2, 0, ceil_mode=True)
+    # the forced mask skips the branch: any size
+    module.force_mask = 0.0
+    module(to_torch(normal((1, 2, 1, 1), 0)))
+
+
+def test_pooling_option_reaches_every_mask_branch_and_the_stem():
+    assert SoftMaskBranch(4).pooling == "paper" and AttentionModule(4).mask.pooling == "paper"
+    for build in (attention56, attention92):
+        net = on_meta(build, pooling="caffe")
+        branches = [m for m in net.modules() if isinstance(m, SoftMaskBranch)]
+        assert branches and all(m.pooling == "caffe" for m in branches)
+        assert (net.stem.pool.padding, net.stem.pool.ceil_mode) == (0, True)
+        assert "pooling='caffe'" in repr(branches[0])
+    for bad in ("max", None):
+        with pytest.raises(ValueError, match="pooling"):
+            SoftMaskBranch(4, pooling=bad)
+        with pytest.raises(ValueError, match="pooling"):
+            attention_module(
+                np.zeros((1, 4, 4, 4)), state_dict_numpy(AttentionModule(4)), pooling=bad
+            )
