@@ -132,7 +132,7 @@ class BAMResNet(ResNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features before the classifier, with BAM after the chosen stages."""
-        check_torch_input(x, self.in_channels, "BAMResNet", "x")
+        check_torch_input(x, self.in_channels, "BAMResNet", "x", self)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 64, H/4, W/4)
         for stage in range(1, 5):
             x = getattr(self, f"layer{stage}")(x)

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int
-from refimpl._torch_checks import autocast_enabled, check_torch_input
+from refimpl._torch_checks import autocast_enabled, check_torch_input, conv2d
 
 NORMS = ("output", "hidden")
 COMBINES = ("sum", "product")
@@ -167,7 +167,7 @@ class ChannelGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """M_c, (N, C)."""
-        check_torch_input(x, self.channels, "ChannelGate", "x")
+        check_torch_input(x, self.channels, "ChannelGate", "x", self)
         _check_batch_for_training(x, self.training, "ChannelGate")
         if _wide_precision(x):
             # AvgPool(F) = sum / HW, with the 1 / HW folded into the product with W0: the
@@ -257,14 +257,15 @@ class SpatialGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """M_s, (N, H, W)."""
-        check_torch_input(x, self.channels, "SpatialGate", "x")
+        check_torch_input(x, self.channels, "SpatialGate", "x", self)
         _check_positions_for_training(x, self.training, "SpatialGate")
         d = self.dilation
         h = _conv1x1(x, self.conv0)  # f0, (N, C/r, H, W)
         h = _hidden_activation(h, self.bn0)
-        h = F.conv2d(h, self.conv1.weight, self.conv1.bias, padding=d, dilation=d)  # f1
+        # conv2d: F.conv2d, in float32 on thin bfloat16 CPU maps (a torch bug, see there)
+        h = conv2d(h, self.conv1.weight, self.conv1.bias, padding=d, dilation=d)  # f1
         h = _hidden_activation(h, self.bn1)
-        h = F.conv2d(h, self.conv2.weight, self.conv2.bias, padding=d, dilation=d)  # f2
+        h = conv2d(h, self.conv2.weight, self.conv2.bias, padding=d, dilation=d)  # f2
         h = _hidden_activation(h, self.bn2)
         M_s = _conv1x1(h, self.conv3)  # f3, (N, 1, H, W)
         if self.bn is not None:
@@ -360,7 +361,7 @@ class BAM(nn.Module):
         self, x: torch.Tensor, return_maps: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """F' = F + F * M; with ``return_maps`` also ``{"M_c": ..., "M_s": ..., "M": ...}``."""
-        check_torch_input(x, self.channels, "BAM", "x")
+        check_torch_input(x, self.channels, "BAM", "x", self)
         _check_batch_for_training(x, self.training, "BAM")
         M_c = self.channel_gate(x)  # Eq. (3), (N, C)
         M_s = self.spatial_gate(x)  # Eq. (4), (N, H, W)

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int
-from refimpl._torch_checks import check_torch_input
+from refimpl._torch_checks import check_torch_input, conv2d
 from refimpl.cbam._options import (
     ARRANGEMENTS,
     POOLINGS,
@@ -207,7 +207,7 @@ class ChannelAttention(nn.Module):
         self, x: torch.Tensor, return_maps: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """F' = M_c(F) * F; with ``return_maps`` also ``{"M_c": M_c}``."""
-        check_torch_input(x, self.channels, type(self).__name__, "x")
+        check_torch_input(x, self.channels, type(self).__name__, "x", self)
         M_c = self.attention_map(x)  # Eq. (2), (N, C, 1, 1)
         F_prime = x * M_c  # Eq. (1), first line, (N, C, H, W)
         return (F_prime, {"M_c": M_c}) if return_maps else F_prime
@@ -279,7 +279,8 @@ class SpatialAttention(nn.Module):
     def attention_map(self, F_: torch.Tensor) -> torch.Tensor:
         r"""Eq. (3): :math:`M_s = \sigma(f^{k \times k}([F^s_{avg}; F^s_{max}]))`. (N, 1, H, W)."""
         descriptors = torch.cat([_pool_channels(F_, p) for p in self.pooling], 1)  # (N, P, H, W)
-        logits = F.conv2d(descriptors, self.conv.weight, self.conv.bias, padding=self.padding)
+        # conv2d: F.conv2d, in float32 on thin bfloat16 CPU maps (a torch bug, see there)
+        logits = conv2d(descriptors, self.conv.weight, self.conv.bias, padding=self.padding)
         if self.bn is not None:  # the official form's batch norm
             logits = self.bn(logits)
         return torch.sigmoid(logits)  # (N, 1, H, W)
@@ -288,7 +289,7 @@ class SpatialAttention(nn.Module):
         self, x: torch.Tensor, return_maps: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """M_s(x) * x; with ``return_maps`` also ``{"M_s": M_s}``."""
-        check_torch_input(x, self.channels, type(self).__name__, "x")
+        check_torch_input(x, self.channels, type(self).__name__, "x", self)
         M_s = self.attention_map(x)  # Eq. (3), (N, 1, H, W)
         out = x * M_s  # Eq. (1), second line, (N, C, H, W)
         return (out, {"M_s": M_s}) if return_maps else out
@@ -387,7 +388,7 @@ class CBAM(nn.Module):
         self, x: torch.Tensor, return_maps: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """F'' of Eq. (1); with ``return_maps`` also ``{"M_c": M_c, "M_s": M_s}``."""
-        check_torch_input(x, self.channels, "CBAM", "x")
+        check_torch_input(x, self.channels, "CBAM", "x", self)
         if self.arrangement == "channel-spatial":
             M_c = self.channel.attention_map(x)  # Eq. (2), (N, C, 1, 1)
             F_prime = x * M_c  # Eq. (1), (N, C, H, W)

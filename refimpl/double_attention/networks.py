@@ -149,7 +149,7 @@ class A2ResNet(ResNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features before the classifier, (N, 4 * widths[-1])."""
-        check_torch_input(x, self.in_channels, "A2ResNet", "x")
+        check_torch_input(x, self.in_channels, "A2ResNet", "x", self)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 64, H/4, W/4)
         for stage in range(1, 5):
             for index, block in enumerate(getattr(self, f"layer{stage}")):

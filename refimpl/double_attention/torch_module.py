@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_positive_int
-from refimpl._torch_checks import check_torch_input
+from refimpl._torch_checks import check_torch_input, conv2d
 
 DEFAULT_REDUCTION = 4
 
@@ -227,7 +227,7 @@ class DoubleAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Gather, distribute, project, add; with ``return_maps`` also
         ``{"softmax_B": (N, n, H, W), "softmax_V": (N, n, H, W), "G": (N, m, n)}``."""
-        check_torch_input(x, self.channels, "DoubleAttention", "x")
+        check_torch_input(x, self.channels, "DoubleAttention", "x", self)
         N, _, H, W = x.shape
         channels_last = _is_channels_last(x)
         X = _flatten_positions(x, channels_last)  # (N, c, hw), a view
@@ -242,7 +242,7 @@ class DoubleAttention(nn.Module):
         """Eqs. (3)-(5) as written: A, G = A softmax(B)^T, Z = G softmax(V), expand, + X."""
         size = x.shape[2:]
         A, B, V = (
-            _flatten_positions(F.conv2d(x, conv.weight, conv.bias), channels_last)
+            _flatten_positions(conv2d(x, conv.weight, conv.bias), channels_last)
             for conv in (self.phi, self.theta, self.rho)
         )  # (N, m, hw), (N, n, hw), (N, n, hw)
         B_bar = B.softmax(2)  # Eq. (3): each map over the hw positions
@@ -252,7 +252,7 @@ class DoubleAttention(nn.Module):
             out = self.feature_distribution(G, V_bar, X if self.residual else None, channels_last)
             return out.unflatten(2, size), B_bar, V_bar, G
         Z = self.feature_distribution(G, V_bar, None, channels_last).unflatten(2, size)  # Eq. (5)
-        out = F.conv2d(Z, self.expand.weight, self.expand.bias)  # (N, c, H, W)
+        out = conv2d(Z, self.expand.weight, self.expand.bias)  # (N, c, H, W)
         return (x + out if self.residual else out), B_bar, V_bar, G
 
     def _reassociated(self, x: torch.Tensor, X: torch.Tensor, channels_last: bool) -> tuple:

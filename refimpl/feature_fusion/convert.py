@@ -42,15 +42,37 @@ weights as the same function:
 
 The official code's r = 4 everywhere and its fusion in all four stages are plain
 constructor arguments (``reduction=4``, ``fusion_stages=(1, 2, 3, 4)``).
+
+Loading official weights safely. The three differences above change no shape: official
+weights load *strictly* into a default ``AFF`` or ``IAFF`` and then compute another
+function (half the output, another second-stage branch, or M and 1 - M exchanged).
+:func:`load_official_state_dict` is the way in: it takes a module's or a network's state
+dict, or the whole training checkpoint (``{"epoch", "state_dict", ...}``), with or
+without ``nn.DataParallel``'s ``module.`` prefix, refuses a model whose AFF or iAFF
+modules lack the options the weights need (:data:`OFFICIAL_OPTIONS`) with a message
+naming the module and the option, swaps X and Y where the official networks call the
+fusion the other way round, and loads strictly. :func:`convert_official_state_dict`
+stays the bare renaming, for those who choose the options themselves; it warns when it
+renames official keys, since on its own it cannot tell whether they will be used right.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
 from refimpl.backbones import convert_torchvision_state_dict
+
+#: The options our modules need to compute what the official PyTorch modules compute.
+OFFICIAL_OPTIONS: dict[str, dict[str, bool]] = {
+    "AFF": {"factor_two": True},  # returns 2 * Eq. (4)
+    "IAFF": {"share_global": True},  # the second stage reuses global_att
+    "MSCAM": {},
+}
 
 #: Sequential index -> our submodule name, per kind of branch.
 OFFICIAL_INDICES: dict[str, dict[str, str]] = {
@@ -63,7 +85,11 @@ _OURS_KEY = re.compile(r"(^|\.)(local_att|global_att)(2?)\.(conv1|bn1|conv2|bn2)
 
 
 def convert_official_state_dict(
-    state_dict: Mapping[str, Any], *, share_global: bool = False, swap_xy: bool = False
+    state_dict: Mapping[str, Any],
+    *,
+    share_global: bool = False,
+    swap_xy: bool = False,
+    warn: bool = True,
 ) -> dict[str, Any]:
     """Rename an official-layout state dict to refimpl's names (see the module docstring).
 
@@ -71,13 +97,22 @@ def convert_official_state_dict(
     network's (``layer3.0.fuse_mode.local_att.0.weight``, ``layer1.0.downsample.0.weight``,
     ...); every other key is kept as it is.
 
+    The bare renaming: it does not know which modules the result will be loaded into,
+    and official AFF / iAFF weights load strictly into default modules that compute
+    another function; :func:`load_official_state_dict` checks that. A warning says so
+    when official keys are renamed (silence it with ``warn=False`` where the options
+    are chosen, as the module docstring says).
+
     Args:
-        state_dict: the official module's or network's ``state_dict()``.
+        state_dict: the official module's or network's ``state_dict()``, with or without
+            the ``module.`` prefix of ``nn.DataParallel``; a whole training checkpoint
+            (a dict with a ``"state_dict"`` entry) is accepted too.
         share_global: drop ``global_att2``, which the popular iAFF creates and never uses;
             load the result into ``IAFF(share_global=True)``.
         swap_xy: negate the last batch norm's weight and bias in every branch, for weights
             trained with the fusion called as ``(residual, identity)`` that are to be used
             as ``(identity, residual)`` (the official networks against ours).
+        warn: warn when official keys are renamed (see above).
 
     Returns:
         A new dict; values are the same objects, except the negated ones (new tensors).
@@ -85,16 +120,102 @@ def convert_official_state_dict(
     Raises:
         KeyError: a branch key with an index that holds no weights in the official layout.
     """
+    state_dict = _unwrap(state_dict)
     out: dict[str, Any] = {}
+    official = False
     for key, value in convert_torchvision_state_dict(state_dict).items():
         key = re.sub(r"(^|\.)fuse_mode\.", r"\1fusion.", key)
+        official = official or bool(_OFFICIAL_KEY.search(key))
         key = _OFFICIAL_KEY.sub(_rename_official, key)
         if share_global and re.search(r"(^|\.)global_att2\.", key):
             continue
         if swap_xy and _OURS_KEY.search(key) and re.search(r"\.bn2\.(weight|bias)$", key):
             value = -value
         out[key] = value
+    if official and warn:
+        warnings.warn(
+            "convert_official_state_dict only renames keys: official AFF weights need "
+            "AFF(factor_two=True), official iAFF weights IAFF(share_global=True) and "
+            "share_global=True here, official networks swap_xy=True; without them the "
+            "weights load strictly and compute another function. "
+            "load_official_state_dict(model, checkpoint) checks and does all of it.",
+            UserWarning,
+            stacklevel=2,
+        )
     return out
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict of a training checkpoint, without ``nn.DataParallel``'s prefix."""
+    inner = state_dict.get("state_dict") if hasattr(state_dict, "get") else None
+    if isinstance(inner, Mapping):
+        state_dict = inner
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+def load_official_state_dict(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    *,
+    swap_xy: bool | None = None,
+    factor_two: bool = True,
+) -> nn.Module:
+    """Load official AFF / iAFF weights into ``model``, refusing a model that would
+    compute another function with them.
+
+    Args:
+        model: an :class:`~refimpl.feature_fusion.AFF`, :class:`~refimpl.feature_fusion.IAFF`
+            or :class:`~refimpl.feature_fusion.MSCAM`, or a network holding them (built
+            with the official options, :data:`OFFICIAL_OPTIONS`: e.g.
+            ``aff_resnet50(reduction=4, fusion_stages=(1, 2, 3, 4), factor_two=True)``).
+        checkpoint: the official module's or network's state dict, or the whole training
+            checkpoint (``{"epoch", "state_dict", ...}``); ``module.`` prefixes are removed.
+        swap_xy: whether the weights were trained with the fusion called as ``(residual,
+            identity)``; default: yes for a network (the official networks do), no for a
+            fusion module on its own (its X is the official module's first argument).
+        factor_two: whether the weights come from code whose AFF returns twice Eq. (4):
+            open-aff's official PyTorch and MXNet code (True, default); some copies drop
+            the factor (seeds/003: False). Every AFF of ``model`` must match it.
+
+    Returns:
+        ``model``, with the weights loaded strictly.
+
+    Raises:
+        ValueError: ``model`` holds no fusion module, or one without the options the
+            official weights need (the message names the module and the option).
+        RuntimeError: missing, unexpected or misshaped keys (``load_state_dict``).
+    """
+    from refimpl.feature_fusion.torch_module import AFF, IAFF, MSCAM
+
+    fusions = [(n, m) for n, m in model.named_modules() if isinstance(m, AFF | IAFF | MSCAM)]
+    if not fusions:
+        raise ValueError(
+            f"load_official_state_dict: {type(model).__name__} holds no AFF, IAFF or MSCAM "
+            "module; official AFF weights need one"
+        )
+    needed = {**OFFICIAL_OPTIONS, "AFF": {"factor_two": bool(factor_two)}}
+    wrong = [
+        f"{name or type(m).__name__} ({type(m).__name__}) has {option}={getattr(m, option)}"
+        for name, m in fusions
+        for option, value in needed[type(m).__name__].items()
+        if getattr(m, option) != value
+    ]
+    if wrong:
+        raise ValueError(
+            "load_official_state_dict: the official weights compute another function in "
+            f"{len(wrong)} module(s): {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}. "
+            f"Build them with the options {dict((k, v) for k, v in needed.items() if v)} "
+            "(the official AFF returns twice Eq. (4); the official iAFF's second stage "
+            "reuses global_att)."
+        )
+    if swap_xy is None:
+        swap_xy = not isinstance(model, AFF | IAFF | MSCAM)
+    share_global = any(isinstance(m, IAFF) for _, m in fusions)
+    state = convert_official_state_dict(
+        checkpoint, share_global=share_global, swap_xy=swap_xy, warn=False
+    )
+    model.load_state_dict(state)
+    return model
 
 
 def to_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

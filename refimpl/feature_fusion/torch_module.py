@@ -73,7 +73,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_positive_int, check_same_shape
-from refimpl._torch_checks import check_torch_input
+from refimpl._torch_checks import (
+    check_matches_module,
+    check_same_device,
+    check_torch_input,
+    conv2d,
+)
 from refimpl.feature_fusion._checks import check_batch_statistics, check_same_dtype
 
 # ---------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ def _conv1x1(
         # transpose it into an (N*H*W, I) copy, and keep that copy for backward).
         out = torch.bmm(weight.expand(x.shape[0], -1, -1), x)  # (N, O, H*W)
     else:  # channels_last (or strided): oneDNN's 1x1 convolution is fast there
-        out = F.conv2d(x, weight[:, :, None, None])  # (N, O, H, W)
+        out = conv2d(x, weight[:, :, None, None])  # (N, O, H, W); see _torch_checks.conv2d
     if bias is not None:
         out.add_(_per_channel(bias, out.dim()))
     if activation is not None:
@@ -258,7 +263,7 @@ class LocalContext(_ContextBranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """L(X), Eq. (2)."""
-        check_torch_input(x, self.channels, "LocalContext", "X")
+        check_torch_input(x, self.channels, "LocalContext", "X", self)
         check_batch_statistics(x, self.training, "LocalContext", pooled=False)
         return self.logits(x)
 
@@ -305,7 +310,7 @@ class GlobalContext(_ContextBranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """g(X), (N, C, 1, 1)."""
-        check_torch_input(x, self.channels, "GlobalContext", "X")
+        check_torch_input(x, self.channels, "GlobalContext", "X", self)
         check_batch_statistics(x, self.training, "GlobalContext")
         return self.vector(x)[:, :, None, None]
 
@@ -327,7 +332,9 @@ def _check_pair(module: nn.Module, x: torch.Tensor, y: torch.Tensor, who: str) -
     check_torch_input(x, module.channels, who, "X")
     check_torch_input(y, module.channels, who, "Y")
     check_same_shape(x, y, who)
+    check_same_device(x, y, who)
     check_same_dtype(x, y, who)
+    check_matches_module(x, module, who, "X")  # and so Y, of the same device and dtype
     check_batch_statistics(x, module.training, who)
 
 
@@ -390,7 +397,7 @@ class MSCAM(nn.Module):
         self, x: torch.Tensor, return_maps: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """X * M(X); with ``return_maps`` also ``{"L": L(X), "g": g(X), "M": M(X)}``."""
-        check_torch_input(x, self.channels, "MSCAM", "X")
+        check_torch_input(x, self.channels, "MSCAM", "X", self)
         check_batch_statistics(x, self.training, "MSCAM")
         maps: dict[str, torch.Tensor] | None = {} if return_maps else None
         M = _weights(x, self.local_att, self.global_att, maps, "")  # Eq. (3)

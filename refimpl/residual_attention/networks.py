@@ -101,6 +101,8 @@ class ResidualAttentionNetwork(nn.Module):
             branch's): ``"paper"`` (3x3/2, padding 1) or ``"caffe"`` (3x3/2, no padding,
             ceil rounding: the official prototxt; needs inputs of at least 2^depth pixels
             at each mask branch: 31 x 31 at the input of the ImageNet networks).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
         **module_options: options of every :class:`AttentionModule` (``p``, ``t``, ``r``,
             ``activation``, ``learning``, ``align_corners``, ...).
 
@@ -120,9 +122,12 @@ class ResidualAttentionNetwork(nn.Module):
         in_channels: int = 3,
         last_stride: int = 2,
         pooling: str = "paper",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **module_options: Any,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         who = "ResidualAttentionNetwork"
         if len(modules_per_stage) != 3 or len(depths) != 3 or len(widths) != 4:
             raise ValueError(
@@ -143,26 +148,28 @@ class ResidualAttentionNetwork(nn.Module):
 
         if stem == "imagenet":
             layers = [
-                ("conv", nn.Conv2d(in_channels, stem_channels, 7, 2, 3, bias=False)),
-                ("bn", nn.BatchNorm2d(stem_channels)),
+                ("conv", nn.Conv2d(in_channels, stem_channels, 7, 2, 3, bias=False, **fk)),
+                ("bn", nn.BatchNorm2d(stem_channels, **fk)),
                 ("relu", nn.ReLU(inplace=True)),
                 ("pool", nn.MaxPool2d(**MAX_POOL[pooling])),
             ]
         else:
             layers = [
-                ("conv", nn.Conv2d(in_channels, stem_channels, 3, 1, 1, bias=False)),
-                ("bn", nn.BatchNorm2d(stem_channels)),
+                ("conv", nn.Conv2d(in_channels, stem_channels, 3, 1, 1, bias=False, **fk)),
+                ("bn", nn.BatchNorm2d(stem_channels, **fk)),
                 ("relu", nn.ReLU(inplace=True)),
             ]
         self.stem = nn.Sequential(OrderedDict(layers))
 
         previous = stem_channels
         for s in range(3):  # the attention stages: a unit, then the modules
-            stage = [("unit", ResidualUnit(previous, widths[s], 1 if s == 0 else 2))]
+            stage = [("unit", ResidualUnit(previous, widths[s], 1 if s == 0 else 2, **fk))]
             stage += [
                 (
                     f"module{k}",
-                    AttentionModule(widths[s], depth=depths[s], pooling=pooling, **module_options),
+                    AttentionModule(
+                        widths[s], depth=depths[s], pooling=pooling, **module_options, **fk
+                    ),
                 )
                 for k in range(1, modules_per_stage[s] + 1)
             ]
@@ -171,14 +178,14 @@ class ResidualAttentionNetwork(nn.Module):
         self.stage4 = nn.Sequential(
             OrderedDict(
                 [
-                    ("unit1", ResidualUnit(previous, widths[3], last_stride)),
-                    ("unit2", ResidualUnit(widths[3])),
-                    ("unit3", ResidualUnit(widths[3])),
+                    ("unit1", ResidualUnit(previous, widths[3], last_stride, **fk)),
+                    ("unit2", ResidualUnit(widths[3], **fk)),
+                    ("unit3", ResidualUnit(widths[3], **fk)),
                 ]
             )
         )
-        self.bn = nn.BatchNorm2d(widths[3])  # the last units' missing post-activation
-        self.fc = nn.Linear(widths[3], num_classes)
+        self.bn = nn.BatchNorm2d(widths[3], **fk)  # the last units' missing post-activation
+        self.fc = nn.Linear(widths[3], num_classes, **fk)
 
     def reset_parameters(self) -> None:
         """Re-initialise every layer as PyTorch's defaults do."""
@@ -194,7 +201,7 @@ class ResidualAttentionNetwork(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before the global pooling: (N, widths[3], H/32, W/32) for ImageNet."""
-        check_torch_input(x, self.in_channels, "ResidualAttentionNetwork", "x")
+        check_torch_input(x, self.in_channels, "ResidualAttentionNetwork", "x", self)
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))
         return torch.relu(self.bn(self.stage4(x)))

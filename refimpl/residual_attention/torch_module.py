@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int
-from refimpl._torch_checks import check_torch_input
+from refimpl._torch_checks import call_conv, check_torch_input
 from refimpl.residual_attention._pooling import (
     MAX_POOL,
     check_pooling,
@@ -140,6 +140,8 @@ class ResidualUnit(nn.Module):
         out_channels: C_out (default: C_in).
         stride: stride of the 3x3 convolution and the projection shortcut.
         hidden_channels: the bottleneck width; default ``max(1, out_channels // 4)``.
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C_in, H, W); output (N, C_out, ceil(H / stride), ceil(W / stride)).
@@ -152,8 +154,11 @@ class ResidualUnit(nn.Module):
         stride: int = 1,
         *,
         hidden_channels: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         out_channels = channels if out_channels is None else out_channels
         hidden_channels = max(1, out_channels // 4) if hidden_channels is None else hidden_channels
         for name, value in (
@@ -165,15 +170,15 @@ class ResidualUnit(nn.Module):
             check_positive_int(value, "ResidualUnit", name)
         self.channels, self.out_channels, self.stride = channels, out_channels, stride
         self.hidden_channels = hidden_channels
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv1 = nn.Conv2d(channels, hidden_channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(hidden_channels)
-        self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 3, stride, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(hidden_channels)
-        self.conv3 = nn.Conv2d(hidden_channels, out_channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels, **fk)
+        self.conv1 = nn.Conv2d(channels, hidden_channels, 1, bias=False, **fk)
+        self.bn2 = nn.BatchNorm2d(hidden_channels, **fk)
+        self.conv2 = nn.Conv2d(hidden_channels, hidden_channels, 3, stride, 1, bias=False, **fk)
+        self.bn3 = nn.BatchNorm2d(hidden_channels, **fk)
+        self.conv3 = nn.Conv2d(hidden_channels, out_channels, 1, bias=False, **fk)
         projection = stride != 1 or out_channels != channels
         self.shortcut = (
-            nn.Conv2d(channels, out_channels, 1, stride, bias=False) if projection else None
+            nn.Conv2d(channels, out_channels, 1, stride, bias=False, **fk) if projection else None
         )
 
     def reset_parameters(self) -> None:
@@ -191,21 +196,25 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
         """s(x) + F(x); with ``return_maps`` also ``{"F": F(x)}``."""
-        check_torch_input(x, self.channels, "ResidualUnit", "x")
+        check_torch_input(x, self.channels, "ResidualUnit", "x", self)
         a = _bn_relu(self.bn1, x)  # pre-activation, (N, C_in, H, W)
-        f = self.conv1(a)  # (N, C_hidden, H, W)
-        f = self.conv2(_bn_relu(self.bn2, f))  # 3x3, strided, (N, C_hidden, H', W')
-        f = self.conv3(_bn_relu(self.bn3, f))  # (N, C_out, H', W')
-        s = x if self.shortcut is None else self.shortcut(a)  # identity or projection
+        # call_conv: conv(.), in float32 on thin bfloat16 CPU maps (a torch bug, see there)
+        f = call_conv(self.conv1, a)  # (N, C_hidden, H, W)
+        f = call_conv(self.conv2, _bn_relu(self.bn2, f))  # 3x3, strided, (N, C_hidden, H', W')
+        f = call_conv(self.conv3, _bn_relu(self.bn3, f))  # (N, C_out, H', W')
+        s = x if self.shortcut is None else call_conv(self.shortcut, a)  # identity or projection
         if return_maps:
             return f + s, {"F": f}
         return f.add_(s)  # in place on conv3's fresh output
 
 
-def _units(count: int, channels: int) -> nn.Sequential:
-    """``count`` residual units of width ``channels``, named ``unit1``, ``unit2``, ..."""
+def _units(count: int, channels: int, **fk: object) -> nn.Sequential:
+    """``count`` residual units of width ``channels``, named ``unit1``, ``unit2``, ...
+
+    ``fk``: the factory keywords ``device`` and ``dtype``.
+    """
     return nn.Sequential(
-        OrderedDict((f"unit{j}", ResidualUnit(channels)) for j in range(1, count + 1))
+        OrderedDict((f"unit{j}", ResidualUnit(channels, **fk)) for j in range(1, count + 1))
     )
 
 
@@ -238,20 +247,30 @@ class MaskHead(nn.Module):
         channels: C.
         activation: ``"mixed"`` (f1, the paper's networks), ``"channel"`` (f2),
             ``"spatial"`` (f3).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), the upsampled mask features; output M, (N, C, H, W).
     """
 
-    def __init__(self, channels: int, *, activation: str = "mixed") -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        activation: str = "mixed",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         check_positive_int(channels, "MaskHead", "channels")
         check_choice(activation, ACTIVATIONS, "MaskHead", "activation")
         self.channels, self.activation = channels, activation
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels, **fk)
+        self.conv1 = nn.Conv2d(channels, channels, 1, bias=False, **fk)
+        self.bn2 = nn.BatchNorm2d(channels, **fk)
+        self.conv2 = nn.Conv2d(channels, channels, 1, bias=False, **fk)
 
     def reset_parameters(self) -> None:
         """Re-initialise the convolutions and batch norms as PyTorch's defaults do."""
@@ -265,9 +284,9 @@ class MaskHead(nn.Module):
 
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
         """M = f(conv2(relu(bn2(conv1(relu(bn1(x))))))); maps ``{"s": logits, "M": M}``."""
-        check_torch_input(x, self.channels, "MaskHead", "x")
-        s = self.conv1(_bn_relu(self.bn1, x))  # (N, C, H, W)
-        s = self.conv2(_bn_relu(self.bn2, s))  # the logits, (N, C, H, W)
+        check_torch_input(x, self.channels, "MaskHead", "x", self)
+        s = call_conv(self.conv1, _bn_relu(self.bn1, x))  # (N, C, H, W)
+        s = call_conv(self.conv2, _bn_relu(self.bn2, s))  # the logits, (N, C, H, W)
         if self.activation == "mixed" and not return_maps:
             return torch.sigmoid_(s)  # f1 in place on the fresh logits: one tensor fewer
         M = mask_activation(s, self.activation)  # f1 / f2 / f3
@@ -300,6 +319,8 @@ class SoftMaskBranch(nn.Module):
             ``Interp`` layer) or pixel centres aligned (False).
         pooling: ``"paper"`` (3x3/2, padding 1, floor rounding; PyTorch ports) or
             ``"caffe"`` (3x3/2, no padding, ceil rounding; the official prototxt).
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any H, W >= 1 (``pooling="caffe"``: H, W >= 2^depth); output
@@ -320,8 +341,11 @@ class SoftMaskBranch(nn.Module):
         activation: str = "mixed",
         align_corners: bool = True,
         pooling: str = "paper",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         who = "SoftMaskBranch"
         check_pooling(pooling, who)
         self.pooling = pooling
@@ -336,12 +360,12 @@ class SoftMaskBranch(nn.Module):
         self.channels, self.r, self.depth, self.skips = channels, r, depth, skips
         self.align_corners = bool(align_corners)
         for i in range(1, depth + 1):  # bottom-up units; the deepest level has 2r
-            self.add_module(f"down{i}", _units(2 * r if i == depth else r, channels))
+            self.add_module(f"down{i}", _units(2 * r if i == depth else r, channels, **fk))
         for i in range(1, skips + 1):  # skip connections, highest resolutions first
-            self.add_module(f"skip{i}", ResidualUnit(channels))
+            self.add_module(f"skip{i}", ResidualUnit(channels, **fk))
         for i in range(1, depth):  # top-down units
-            self.add_module(f"up{i}", _units(r, channels))
-        self.head = MaskHead(channels, activation=activation)
+            self.add_module(f"up{i}", _units(r, channels, **fk))
+        self.head = MaskHead(channels, activation=activation, **fk)
 
     @property
     def activation(self) -> str:
@@ -368,7 +392,7 @@ class SoftMaskBranch(nn.Module):
 
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
         """The mask M; with ``return_maps`` also ``{"s": logits, "M": M}``."""
-        check_torch_input(x, self.channels, "SoftMaskBranch", "x")
+        check_torch_input(x, self.channels, "SoftMaskBranch", "x", self)
         check_pooling_size(x.shape[-2:], self.depth, self.pooling, "SoftMaskBranch")
         x, restore = _channels_last_on_cpu(x)
         # Bottom-up: features[i - 1] is level i's result, each about half the last's size.
@@ -420,6 +444,8 @@ class AttentionModule(nn.Module):
         pooling: the mask branch's max pooling, ``"paper"`` (3x3/2, padding 1) or
             ``"caffe"`` (3x3/2, no padding, ceil rounding: the official prototxt; needs
             H, W >= 2^depth). See :class:`SoftMaskBranch`.
+        device, dtype: where and of which dtype the parameters (and buffers) are created,
+            as in ``torch.nn`` layers.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1 (in training mode batch norm needs more than
@@ -441,8 +467,11 @@ class AttentionModule(nn.Module):
         force_mask: float | None = None,
         align_corners: bool = True,
         pooling: str = "paper",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         who = "AttentionModule"
         check_positive_int(channels, who, "channels")
         _check_count(p, who, "p", 0)
@@ -451,8 +480,8 @@ class AttentionModule(nn.Module):
         _check_force_mask(force_mask, who)
         self.channels, self.p, self.t, self.learning = channels, p, t, learning
         self.force_mask = force_mask
-        self.pre = _units(p, channels)
-        self.trunk = _units(t, channels)
+        self.pre = _units(p, channels, **fk)
+        self.trunk = _units(t, channels, **fk)
         self.mask = SoftMaskBranch(
             channels,
             r,
@@ -461,8 +490,9 @@ class AttentionModule(nn.Module):
             activation=activation,
             align_corners=align_corners,
             pooling=pooling,
+            **fk,
         )
-        self.post = _units(p, channels)
+        self.post = _units(p, channels, **fk)
 
     def reset_parameters(self) -> None:
         """Re-initialise every unit, the mask branch included."""
@@ -485,7 +515,7 @@ class AttentionModule(nn.Module):
 
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
         """The module's output; with ``return_maps`` also ``{"T": T, "M": M, "H": H}``."""
-        check_torch_input(x, self.channels, "AttentionModule", "x")
+        check_torch_input(x, self.channels, "AttentionModule", "x", self)
         _check_force_mask(self.force_mask, "AttentionModule")
         if self.force_mask is None:
             check_pooling_size(x.shape[-2:], self.mask.depth, self.mask.pooling, "AttentionModule")

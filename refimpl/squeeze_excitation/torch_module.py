@@ -125,7 +125,7 @@ class SqueezeExcitation(nn.Module):
         self, x: torch.Tensor, return_maps: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Squeeze, excite, scale; with ``return_maps`` also ``{"z": z, "s": s}``."""
-        check_torch_input(x, self.channels, "SqueezeExcitation", "x")
+        check_torch_input(x, self.channels, "SqueezeExcitation", "x", self)
         z = self.squeeze(x)  # Eq. (2), (N, C)
         s = self.excitation(z)  # Eq. (3), (N, C)
         out = self.scale(x, s)  # Eq. (4), (N, C, H, W)
