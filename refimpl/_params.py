@@ -163,6 +163,11 @@ class Params(Mapping[str, np.ndarray]):
             raise self._key_error([key], {})
         return np.asarray(self._root[full])
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """``params[key]`` as an array, or ``default`` if the key is absent (no error built)."""
+        full = self.full(key)
+        return np.asarray(self._root[full]) if full in self._root else default
+
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.full(key) in self._root
 
