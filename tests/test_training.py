@@ -4,6 +4,15 @@ Every registered component and every network, driven by the registry:
 
 - factory conventions: ``device=`` and ``dtype=`` keyword arguments like ``torch.nn``
   layers, ``torch.nn.utils.skip_init``, meta-device construction, case-insensitive names;
+- SyncBatchNorm: after ``convert_sync_batchnorm`` every converted layer runs in training;
+- half precision with large activations (float16, bfloat16, autocast to either): no
+  overflow, output and input gradient close to float64;
+- a module and an input of different dtypes or devices: TypeError / ValueError naming
+  both, autocast unharmed, the checks compile as guards;
+- oneDNN's bfloat16 convolution on thin CPU maps: the torch behaviour watched, our
+  modules right there;
+- the official-checkpoint loaders: whole training checkpoints, ``module.`` prefixes, and
+  official weights refused by a module that would compute another function with them.
 """
 
 from __future__ import annotations
@@ -24,7 +33,10 @@ from refimpl import _torch_checks, backbones
 from refimpl.bam import convert as bam_convert
 from refimpl.bam.networks import BAMResNet, bam_resnet50
 from refimpl.bam.torch_module import BAM
+from refimpl.cbam import convert as cbam_convert
 from refimpl.cbam.networks import cbam_resnet50
+from refimpl.cbam.popular import OfficialCBAM
+from refimpl.cbam.torch_module import CBAM
 from refimpl.double_attention.networks import A2ResNet, a2_resnet50
 from refimpl.feature_fusion import convert as ff_convert
 from refimpl.feature_fusion.networks import aff_resnet50, iaff_resnet50
@@ -652,3 +664,18 @@ def test_modules_are_right_on_thin_bfloat16_maps(comp, shape, autocast):
         got = low(*(x.bfloat16() for x in inputs)).double()
     err = float((got - want).norm() / want.norm().clamp_min(1e-300))
     assert err < 1e-1, f"{comp.name} on {shape}: relative error {err:.2e}"
+
+
+def test_cbam_official_weights_refuse_the_paper_pooling_order():
+    official = randomize_(OfficialCBAM(32, 4).double(), 2).eval()
+    checkpoint = _training_checkpoint(official.state_dict())
+    # The trap: biases and batch norm as the official code, the paper's [avg; max] order.
+    trap = CBAM(32, 4, bias=True, spatial_bn=True).double().eval()
+    trap.load_state_dict(cbam_convert.convert_official_state_dict(checkpoint))  # strict
+    x = torch.randn(2, 32, 6, 5, dtype=torch.float64)
+    assert (trap(x) - official(x)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"spatial stacks \('avg', 'max'\)"):
+        cbam_convert.load_official_state_dict(trap, checkpoint)
+    ours = CBAM(32, 4, variant="official").double().eval()
+    cbam_convert.load_official_state_dict(ours, checkpoint)
+    torch.testing.assert_close(ours(x), official(x), rtol=1e-12, atol=1e-12)

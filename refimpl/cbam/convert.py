@@ -22,6 +22,12 @@ module, or ``cbam_resnet50(layout="torchvision", variant="official")`` for the
 official CBAM-ResNet-50, which strides its 3x3 convolutions (the torchvision layout).
 A checkpoint saved with ``no_spatial=True`` has no ``SpatialGate`` keys; its channel
 gates load into :class:`~refimpl.cbam.ChannelAttention` (drop the ``channel.`` prefix).
+
+The MLP biases and the spatial batch norm show in the keys; the order of the pooled maps
+does not: official weights load strictly into a CBAM with ``bias=True, spatial_bn=True``
+and the paper's [avg; max] order, and compute another function.
+:func:`load_official_state_dict` refuses that; :func:`convert_official_state_dict` is the
+bare renaming.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from torch import nn
 
 # (pattern, replacement) on whole dotted components; applied in this order to every key.
 _RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -78,3 +86,41 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]
             )
         out[new] = value
     return out
+
+
+def load_official_state_dict(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
+    """Load official CBAM weights into ``model``, refusing a spatial gate that stacks its
+    pooled maps in the paper's order (the official code stacks [max; mean]).
+
+    Args:
+        model: a :class:`~refimpl.cbam.CBAM` or a network holding them, built with
+            ``variant="official"`` (``cbam_resnet50(layout="torchvision",
+            variant="official")``).
+        checkpoint: the official module's or network's state dict, or the whole training
+            checkpoint; ``module.`` prefixes are removed.
+
+    Returns:
+        ``model``, with the weights loaded strictly.
+
+    Raises:
+        ValueError: a spatial gate with another pooling order (the message names it).
+        RuntimeError: missing, unexpected or misshaped keys (``load_state_dict``: e.g. a
+            channel gate without biases, a spatial gate without batch norm).
+    """
+    from refimpl.cbam.torch_module import SpatialAttention
+
+    official = ("max", "avg")
+    wrong = [
+        f"{name or 'SpatialAttention'} stacks {m.pooling}"
+        for name, m in model.named_modules()
+        if isinstance(m, SpatialAttention) and m.pooling != official
+    ]
+    if wrong:
+        raise ValueError(
+            "load_official_state_dict: the official spatial gate stacks its pooled maps "
+            f"{official}, the weights compute another function in {len(wrong)} module(s): "
+            f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}. Build with "
+            'variant="official" (or spatial_pooling=("max", "avg")).'
+        )
+    model.load_state_dict(convert_official_state_dict(checkpoint))
+    return model
