@@ -186,13 +186,16 @@ class Diagram:
         label_at: float = 0.5,
         label_side: str = "above",
         style: str = "-",
-    ) -> None:
+    ) -> list[tuple[float, float]]:
         """An arrow from ``start`` to ``end`` (nodes or points), bending at ``via``.
 
         The arrow leaves and enters a node at its outline. ``label`` (a tensor shape,
         say) is written beside the segment that holds the fraction ``label_at`` of the
         path's length, ``"above"``, ``"below"``, ``"left"`` or ``"right"`` of it.
         ``style`` is a matplotlib line style (``"--"`` for a skip connection).
+
+        Returns:
+            The points the arrow passes through, from its tail to its head.
         """
         if label_side not in ("above", "below", "left", "right"):
             raise ValueError(f"label_side must be above/below/left/right; got {label_side!r}")
@@ -217,6 +220,7 @@ class Diagram:
         )
         if label:
             self._label_path(points, label, label_at, label_side)
+        return points
 
     def _label_path(self, points, label: str, at: float, side: str) -> None:
         pts = np.asarray(points)

@@ -44,10 +44,12 @@ def test_arrow_meets_the_outlines() -> None:
     d = Diagram(6, 3)
     a = d.box(1, 1, "a", w=1.0, h=0.6)
     b = d.op(4, 1, "+", r=0.3)
-    d.arrow(a, b)
-    (start, end) = d.ax.patches[-1]._posA_posB
+    start, end = d.arrow(a, b)
     assert start == pytest.approx((1.5, 1.0))  # the box's right side
     assert end == pytest.approx((3.7, 1.0))  # the circle's left point
+    tail, corner, head = d.arrow(a, b, via=[(1.0, 2.0)])  # up from the box, then to the circle
+    assert tail == pytest.approx((1.0, 1.3)) and corner == (1.0, 2.0)
+    assert np.hypot(head[0] - 4, head[1] - 1) == pytest.approx(0.3)
     plt.close(d.fig)
 
 
