@@ -328,14 +328,15 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
     return float(diff.norm() / want.norm().clamp_min(1e-300)), where
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("dtype_name,autocast", HALF_MODES, ids=lambda v: str(v))
 @pytest.mark.parametrize("comp", COMPONENTS, ids=lambda c: c.name)
-def test_half_precision_with_large_activations(comp, dtype_name, autocast):
+def test_half_precision_with_large_activations(comp, dtype_name, autocast, seed):
     """Output and input gradient finite and close to float64, in float16 / bfloat16 and
     under autocast to them, with activations large enough that sums overflow float16."""
     dtype = getattr(torch, dtype_name)
-    module = _calibrated(comp, 0)
-    inputs = tuple(x.to(dtype).double() for x in _large_inputs(comp, 0, 2))  # exact in dtype
+    module = _calibrated(comp, seed)
+    inputs = tuple(x.to(dtype).double() for x in _large_inputs(comp, seed, 2))  # exact
     with torch.no_grad():
         shape = tuple(module(*inputs).shape)
     grad_out = torch.from_numpy(np.random.default_rng(1).standard_normal(shape))
@@ -347,11 +348,19 @@ def test_half_precision_with_large_activations(comp, dtype_name, autocast):
         low = copy.deepcopy(module).to(dtype)
         got, got_grad = _forward_backward(low, [x.to(dtype) for x in inputs], grad_out)
     out_tol, grad_tol = HALF_TOLERANCES[dtype_name]
-    mode = f"{comp.name}, {dtype_name}{' autocast' if autocast else ''}"
-    err, where = _relative_error(got, ref, f"{mode} output")
+    mode = f"{comp.name}, {dtype_name}{' autocast' if autocast else ''}, seed {seed}"
+    err, where = _relative_error(got, ref, f"{mode} output")  # finite, else it fails here
+    grad_err, grad_where = _relative_error(got_grad, ref_grad, f"{mode} input gradient")
+    if seed != 0:
+        # Other seeds draw other options (CBAM's spatial-channel order, ...) for the
+        # overflow check; their random weights can saturate a sigmoid at these input
+        # sizes (CBAM seed 2: outputs of 1e-11, below float16's smallest number, and
+        # relative errors that measure nothing), so closeness is checked on seed 0.
+        return
     assert err <= out_tol, f"{mode}: output relative error {err:.2e} (largest at {where})"
-    err, where = _relative_error(got_grad, ref_grad, f"{mode} input gradient")
-    assert err <= grad_tol, f"{mode}: gradient relative error {err:.2e} (largest at {where})"
+    assert grad_err <= grad_tol, (
+        f"{mode}: gradient relative error {grad_err:.2e} (largest at {grad_where})"
+    )
 
 
 # ---------------------------------------------------------------------------------------
