@@ -352,9 +352,11 @@ def test_channels_last_gives_the_same_result(device, comp, training, grad):
             ref = module(*inputs)  # train mode: statistics update once per call, both alike
             out = module(*last)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13, msg=f"{comp.name} {opts}")
-        if (comp.attention or comp.n_inputs == 2) and out.shape[2] * out.shape[3] > 1:
-            # a gate or a fusion hands back its input's layout (convolutional branches
-            # such as a mask branch may not)
+        # A gate or a fusion hands back its input's layout, and so does a convolutional
+        # branch unless a 1-channel intermediate (hidden width 1), contiguous in both
+        # layouts, makes PyTorch pick the default one.
+        keeps = comp.attention or comp.n_inputs == 2 or getattr(module, "hidden_channels", 0) > 1
+        if keeps and out.shape[2] * out.shape[3] > 1:
             assert out.is_contiguous(memory_format=torch.channels_last), (comp.name, opts)
 
 
@@ -593,6 +595,14 @@ def test_export(comp):
 #: option set), the part beyond 2e-2 |ref|: at most 6.4e-3 of max |ref| (mask head), 0 for
 #: the CBAM gates and BAM. A wrong formula (an axis, a missing term) is off by O(1).
 AUTOCAST_TOLERANCE = (2e-2, 1e-2)
+#: Components whose output is the input times a gate (or a lerp of the two inputs): under
+#: autocast it keeps the input's dtype. (The residual attention module's H = (1 + M) T and
+#: A^2's reconstruction come out of convolutions, in the autocast dtype.)
+GATED = {"squeeze_excitation", "channel_attention", "spatial_attention", "cbam", "bam"} | {
+    "mscam",
+    "aff",
+    "iaff",
+}
 #: The soft mask branch's output is the mask itself, M in (0, 1), after up to 3 poolings,
 #: 2 depth + 1 units of three bfloat16 convolutions and the upsamplings: measured 2.8e-2
 #: of max |ref| beyond 2e-2 |ref| (the whole attention module: 2.9e-3).
@@ -615,6 +625,8 @@ def test_autocast_stays_finite_and_close(device, comp, dtype):
             out = module(*inputs)
             huge = module(*[x * 1000 for x in inputs])
         assert torch.isfinite(out).all() and torch.isfinite(huge).all(), (comp.name, opts)
+        if comp.name in GATED:  # the float32 input times a gate (or a lerp of inputs)
+            assert out.dtype == torch.float32, (comp.name, out.dtype)
         ref = module(*inputs)
         err = (out.float() - ref).abs()
         bound = rtol * ref.abs() + atol * ref.abs().max()
@@ -636,27 +648,28 @@ def test_autocast_stays_finite_and_close(device, comp, dtype):
 # Autograd
 
 
-#: Up to this many input and weight elements, gradcheck compares every partial
-#: derivative; beyond it (the deep residual attention modules), one random directional
-#: derivative per tensor (``fast_mode``), which a wrong gradient fails just the same.
-FULL_GRADCHECK_ELEMENTS = 3000
+#: Up to this many input and weight elements in at most this many tensors, gradcheck
+#: compares every partial derivative; beyond (the deep residual attention modules, AFF's
+#: four-branch modules), one random directional derivative per tensor (``fast_mode``, as
+#: their per-paper gradchecks did), which a wrong gradient fails too.
+FULL_GRADCHECK_ELEMENTS, FULL_GRADCHECK_TENSORS = 500, 30
 
 
 @each()
-def test_gradcheck_inputs_and_weights(device, comp):
-    """float64, every covering option set, alternately in eval and training mode, with
-    respect to the inputs and every weight; tie-free inputs (max pooling's gradient is
-    then unique)."""
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gradcheck_inputs_and_weights(device, comp, training):
+    """float64, every covering option set, in eval and training mode (batch statistics),
+    with respect to the inputs and every weight; tie-free inputs (max pooling's gradient
+    is then unique)."""
     shape = (2, min(4, comp.shape_space["C"][1]), 3, 4)
-    for i, opts in enumerate(covering_options(comp, shape, True)):
+    for opts in covering_options(comp, shape, training):
         module, inputs, _ = build(comp, opts, shape, seed=3, device=device)
-        module.train(i % 2 == 1)
+        module.train(training)
         xs = tuple(
             to_torch(spread(shape, 4 + k) * 3, device).requires_grad_() for k in range(len(inputs))
         )
         names = [n for n, _ in module.named_parameters()]
         weights = tuple(module.parameters())
-
         n = len(xs)
 
         def f(*args, module=module, names=names, n=n):
@@ -664,7 +677,7 @@ def test_gradcheck_inputs_and_weights(device, comp):
             return torch.func.functional_call(module, state, args[:n])
 
         elements = sum(t.numel() for t in (*xs, *weights))
-        fast = elements > FULL_GRADCHECK_ELEMENTS
+        fast = elements > FULL_GRADCHECK_ELEMENTS or len(weights) > FULL_GRADCHECK_TENSORS
         assert torch.autograd.gradcheck(f, (*xs, *weights), eps=1e-6, atol=1e-7, fast_mode=fast), (
             comp.name,
             opts,
