@@ -11,6 +11,7 @@ source and traceback.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 from pathlib import Path
@@ -81,6 +82,33 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     assert path.read_bytes() == before, "the committed notebook was modified"
     errors = [o for c in _code_cells(nb) for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: error outputs {[e.ename for e in errors]}"
+
+
+def _kernels_of_this_process() -> set[int]:
+    """Process ids of the Jupyter kernels that this process started and that still run."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        if ppid == os.getpid() and b"ipykernel" in cmdline:
+            pids.add(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_execute_shuts_its_kernel_down(tmp_path: Path) -> None:
+    """Regression: nbclient keeps a kernel alive when it is given the kernel manager, so
+    every executed notebook left a kernel (hundreds of MB with torch) until the end."""
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), path)
+    before = _kernels_of_this_process()
+    nb = run_all.execute(path)
+    assert nb.cells[0].outputs[0]["data"]["text/plain"] == "2"
+    left = _kernels_of_this_process() - before
+    assert not left, f"kernel process(es) {sorted(left)} still running after execute()"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

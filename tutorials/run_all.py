@@ -72,7 +72,10 @@ def execute(
         record_timing=False,  # no timestamps in cell metadata: re-runs give small diffs
         resources={"metadata": {"path": str(cwd if cwd is not None else path.parent)}},
     )
-    client.execute(env={**os.environ, "MPLBACKEND": "Agg"})  # the kernel's environment
+    # cleanup_kc: shut the kernel down afterwards. nbclient keeps a kernel alive when it was
+    # given the kernel manager, so without it every notebook run leaves a kernel process
+    # (torch imported: hundreds of MB) until this process exits.
+    client.execute(env={**os.environ, "MPLBACKEND": "Agg"}, cleanup_kc=True)  # kernel env
     return nb
 
 
