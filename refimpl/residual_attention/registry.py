@@ -28,6 +28,8 @@ from refimpl.registry import (
 )
 from refimpl.residual_attention._pooling import MAX_POOL
 from refimpl.residual_attention.numpy_forward import (
+    _group_spec,
+    _mask_spec,
     _mask_structure,
     _module_structure,
     _residual_unit,
@@ -389,6 +391,10 @@ def skip_adds_feature_module(
     output only, which holds the feature already through its identity shortcut)."""
     p = Params.of(params, "attention_module (skip adds feature)")
     structure, mask = _module_structure(p), _mask_structure(p.sub("mask"))
+    c, units = structure["channels"], structure["p"]
+    spec = _group_spec(p, "pre", units, c).include("", _group_spec(p, "trunk", structure["t"], c))
+    spec.include("", _group_spec(p, "post", units, c))
+    p.check(spec.include("mask.", _mask_spec(p.sub("mask"), mask)))  # strict, as the oracle
     m = p.sub("mask")
     x = _units(np.asarray(x), p, "pre", training, structure["p"])
     T = _units(x, p, "trunk", training, structure["t"])
