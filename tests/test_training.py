@@ -44,6 +44,7 @@ from refimpl.feature_fusion.popular import PopularAFF, PopularIAFF
 from refimpl.feature_fusion.torch_module import AFF, IAFF
 from refimpl.registry import PAPER_PACKAGES, components, randomize_
 from refimpl.residual_attention.networks import ResidualAttentionNetwork, attention56
+from refimpl.residual_attention.torch_module import ResidualUnit
 from refimpl.squeeze_excitation.networks import se_resnet50
 
 COMPONENTS = list(components().values())
@@ -581,26 +582,39 @@ def test_aff_converter_strips_the_data_parallel_prefix_quietly_on_our_own_keys()
 # oneDNN's bfloat16 convolution on thin CPU maps (a torch bug, worked around)
 
 #: Thin maps and convolutions like those the report and our modules run: (H, W), kernel,
-#: stride, padding, dilation.
+#: stride, padding, dilation. On the CPU this was written on, the *weight gradient* is
+#: garbage (1e19 to 1e36 or NaN, different on each call) for the first five (an input 1
+#: wide, or 2 wide with stride 3, a kernel wider than 1 and a stride > 1 along the width),
+#: while the forward and the input gradient are right; the reporter also saw the forward
+#: go wrong on the first.
 THIN_CASES = [
-    ((11, 1), 3, 2, 1, 1),  # the reported case, (2, 8, 11, 1)
-    ((1, 11), 3, 2, 1, 1),
-    ((11, 1), 3, 1, 1, 1),
-    ((1, 1), 3, 1, 1, 1),
-    ((2, 1), 3, 2, 1, 1),
+    ((11, 1), 3, 2, 1, 1),  # the reported case, ResidualUnit's strided 3x3
+    ((1, 1), 3, 2, 1, 1),
+    ((7, 1), 5, 2, 2, 1),
+    ((11, 1), 3, (1, 2), 1, 1),
+    ((11, 2), 3, 3, 1, 1),
+    ((1, 11), 3, 2, 1, 1),  # one position high: right
+    ((11, 1), 3, (2, 1), 1, 1),  # no stride along the width: right
     ((11, 2), 3, 1, 4, 4),  # BAM's dilated convolution
     ((1, 9), 7, 1, 3, 1),  # CBAM's spatial convolution
-    ((11, 1), 1, 1, 0, 1),
+    ((11, 1), 1, 2, 0, 1),  # a strided projection shortcut
 ]
 
 
 def _raw_bf16_conv_error(shape, k, stride, padding, dilation, seed):
+    """The worst relative error of a bfloat16 CPU convolution's output, input gradient
+    and weight gradient against float64 (NaN counts as infinitely wrong)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 8, *shape, generator=g)
-    w = torch.randn(8, 8, k, k, generator=g)
-    want = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
-    got = F.conv2d(x.bfloat16(), w.bfloat16(), None, stride, padding, dilation).double()
-    return float((got - want).norm() / want.norm())
+    x = torch.randn(2, 32, *shape, generator=g)
+    w = torch.randn(8, 32, k, k, generator=g)
+    grads = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xi, wi = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        out = F.conv2d(xi, wi, None, stride, padding, dilation)
+        out.backward(torch.ones_like(out))
+        grads.append([t.detach().double() for t in (out, xi.grad, wi.grad)])
+    errs = [float((b - a).norm() / a.norm()) for a, b in zip(*grads, strict=True)]
+    return max(e if e == e else float("inf") for e in errs)
 
 
 def test_torch_bfloat16_thin_convolution_is_watched():
@@ -613,13 +627,14 @@ def test_torch_bfloat16_thin_convolution_is_watched():
     for case in THIN_CASES:
         for seed in range(3):  # the report: different on each call
             err = _raw_bf16_conv_error(*case, seed)
-            if not err < 2e-2:  # bfloat16 rounding gives 2e-3 to 8e-3 here
+            if not err < 5e-2:  # bfloat16 rounding gives 2e-3 to 1e-2 here
                 wrong.append((case, err))
     # Maps just wider than THIN must be right (else the condition is too narrow).
-    for case in [((3, 3), 3, 2, 1, 1), ((11, 3), 3, 2, 1, 1), ((5, 4), 3, 1, 1, 1)]:
-        err = _raw_bf16_conv_error(*case, 0)
-        if not err < 2e-2:
-            wide.append((case, err))
+    for case in [((3, 3), 3, 2, 1, 1), ((11, 3), 3, 2, 1, 1), ((5, 4), 3, 3, 1, 1)]:
+        for seed in range(3):
+            err = _raw_bf16_conv_error(*case, seed)
+            if not err < 5e-2:
+                wide.append((case, err))
     assert not wide, f"bfloat16 CPU convolution wrong beyond thin maps: {wide}"
     for (shape, *_), _err in wrong:
         x = torch.empty(2, 8, *shape, dtype=torch.bfloat16)
@@ -627,10 +642,35 @@ def test_torch_bfloat16_thin_convolution_is_watched():
     if wrong:
         warnings.warn(
             f"torch {torch.__version__}: oneDNN's bfloat16 CPU convolution is still wrong "
-            f"on {len(wrong)} thin-map cases (worst relative error "
+            f"in {len(wrong)} thin-map cases (worst relative error "
             f"{max(e for _, e in wrong):.1e}); refimpl computes those in float32",
             stacklevel=1,
         )
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bfloat16", "autocast"])
+def test_residual_unit_trains_on_thin_bfloat16_maps(autocast):
+    """The reported failure: a strided ResidualUnit's 3x3 weight gradient on a map one
+    position wide, in bfloat16 and under bfloat16 autocast (1e19-1e36 or NaN before)."""
+    torch.manual_seed(0)
+    unit = ResidualUnit(32, 64, 2).double().train()
+    x = torch.randn(2, 32, 11, 1, dtype=torch.float64)
+    grad = torch.randn(2, 64, 6, 1, dtype=torch.float64)
+    reference = copy.deepcopy(unit)
+    reference(x).backward(grad)
+    for _ in range(3):  # the bug differed from call to call
+        if autocast:
+            low = copy.deepcopy(unit).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = low(x.float())
+        else:
+            low = copy.deepcopy(unit).bfloat16()
+            out = low(x.bfloat16())
+        out.backward(grad.to(out.dtype))
+        for name, p in low.named_parameters():
+            want = dict(reference.named_parameters())[name].grad
+            err = float((p.grad.double() - want).norm() / want.norm())
+            assert err < 2e-1, f"{name}.grad: relative error {err:.1e}"
 
 
 def test_workaround_condition():
@@ -653,8 +693,11 @@ def test_workaround_condition():
 @pytest.mark.parametrize("comp", COMPONENTS, ids=lambda c: c.name)
 @torch.no_grad()
 def test_modules_are_right_on_thin_bfloat16_maps(comp, shape, autocast):
-    """Every component on thin maps in bfloat16 (and under bfloat16 autocast) against
-    float64, where the raw bfloat16 convolution was reported to return garbage."""
+    """Every component's output on thin maps in bfloat16 (and under bfloat16 autocast)
+    against float64, where the raw bfloat16 convolution was reported to return garbage
+    (the weight gradients, wrong here only for a stride along the width, are checked on
+    the strided ResidualUnit above; elsewhere a map of two positions makes the gradients
+    of f3 and batch norm too ill-conditioned for a bfloat16 bound)."""
     ex = comp.make_example(0)
     module = ex.module
     if getattr(module, "force_mask", None) is not None:
