@@ -99,7 +99,8 @@ def _product(
 
 def _conv1x1(conv: nn.Conv2d, X: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution on the flattened map: W X + b, (N, c, hw) -> (N, k, hw)."""
-    weight = conv.weight[:, :, 0, 0].expand(len(X), -1, -1)  # (N, k, c), a view
+    # X.shape[0], not len(X): len() is a Python int, which fixes N in an exported graph.
+    weight = conv.weight[:, :, 0, 0].expand(X.shape[0], -1, -1)  # (N, k, c), a view
     if conv.bias is None:
         return torch.bmm(weight, X)
     return torch.baddbmm(conv.bias[:, None], weight, X)
