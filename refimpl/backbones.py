@@ -81,7 +81,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from refimpl._checks import check_choice, check_positive_int
-from refimpl._torch_checks import check_torch_input
+from refimpl._torch_checks import call_conv, check_torch_input
 
 LAYOUTS = ("v1", "torchvision")
 BLOCKS = ("basic", "bottleneck")
@@ -212,7 +212,7 @@ class Downsample(nn.Module):
         _reset_bn(self.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        return self.bn(call_conv(self.conv, x))  # see Bottleneck.forward
 
 
 class Bottleneck(nn.Module):
@@ -307,9 +307,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)  # (N, 4w, H', W')
-        residual = self.relu(self.bn1(self.conv1(x)))
-        residual = self.relu(self.bn2(self.conv2(residual)))
-        residual = self.bn3(self.conv3(residual))  # (N, 4w, H', W')
+        # call_conv: conv(.), in float32 on thin bfloat16 CPU maps (a torch bug, see there)
+        residual = self.relu(self.bn1(call_conv(self.conv1, x)))
+        residual = self.relu(self.bn2(call_conv(self.conv2, residual)))
+        residual = self.bn3(call_conv(self.conv3, residual))  # (N, 4w, H', W')
         if self.attention is not None:
             residual = self.attention(residual)
         if self.fusion is None:
@@ -407,8 +408,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)  # (N, w, H', W')
-        residual = self.relu(self.bn1(self.conv1(x)))
-        residual = self.bn2(self.conv2(residual))  # (N, w, H', W')
+        residual = self.relu(self.bn1(call_conv(self.conv1, x)))  # see Bottleneck.forward
+        residual = self.bn2(call_conv(self.conv2, residual))  # (N, w, H', W')
         if self.attention is not None:
             residual = self.attention(residual)
         if self.fusion is None:

@@ -673,6 +673,25 @@ def test_residual_unit_trains_on_thin_bfloat16_maps(autocast):
             assert err < 2e-1, f"{name}.grad: relative error {err:.1e}"
 
 
+def test_resnet_trains_on_thin_bfloat16_maps():
+    """A bfloat16 ResNet whose last stage sees 1 x 1 maps (16 x 16 input, the strided 3x3
+    of the torchvision layout there): parameter gradients right (NaN without the
+    workaround)."""
+    net = se_resnet50(3, widths=(8, 8, 16, 16), reduction=4, layout="torchvision")
+    net = randomize_(net.double(), 0).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
+    grad = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    reference = copy.deepcopy(net)
+    reference(x).backward(grad)
+    want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    low = copy.deepcopy(net).bfloat16()
+    low(x.bfloat16()).backward(grad.bfloat16())
+    got = torch.cat([p.grad.double().flatten() for p in low.parameters()])
+    err = float((got - want).norm() / want.norm())
+    assert err < 1e-1, f"parameter gradients: relative error {err:.1e} (1.6e-2 measured)"
+
+
 def test_workaround_condition():
     thin = torch.empty(2, 8, 11, 1, dtype=torch.bfloat16)
     assert _torch_checks.bfloat16_cpu_thin(thin)
