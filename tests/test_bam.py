@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import refimpl
 import refimpl.registry
+from refimpl._params import Params
 from refimpl.backbones import count_macs, count_parameters
 from refimpl.bam import (
     BAM,
@@ -83,8 +84,8 @@ def test_named_steps_agree(shape, opts, seed, training):
     params = state_dict_numpy(module)
     x = normal(shape, seed + 1)
     out, maps = module(to_torch(x), return_maps=True)
-    channel_params = {k[13:]: v for k, v in params.items() if k.startswith("channel_gate.")}
-    spatial_params = {k[13:]: v for k, v in params.items() if k.startswith("spatial_gate.")}
+    channel_params = Params.of(params, "BAM").sub("channel_gate")
+    spatial_params = Params.of(params, "BAM").sub("spatial_gate")
     norm, d = opts["norm"], opts["dilation"]
     M_c = channel_gate(x, channel_params, norm=norm, training=training)
     M_s = spatial_gate(x, spatial_params, dilation=d, norm=norm, training=training)

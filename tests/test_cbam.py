@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import refimpl
 import refimpl.registry
+from refimpl._params import Params
 from refimpl.backbones import count_macs, count_parameters, resnet50
 from refimpl.cbam import (
     CBAM,
@@ -94,8 +95,8 @@ def test_named_steps_agree(shape, opts, seed):
     opts = {**opts, "arrangement": "channel-spatial"}
     module = build(CBAM, shape[1], opts, seed).eval()
     params = state_dict_numpy(module)
-    channel = {k[8:]: v for k, v in params.items() if k.startswith("channel.")}
-    spatial = {k[8:]: v for k, v in params.items() if k.startswith("spatial.")}
+    channel = Params.of(params, "CBAM").sub("channel")
+    spatial = Params.of(params, "CBAM").sub("spatial")
     x = normal(shape, seed + 1)
     out, maps = module(to_torch(x), return_maps=True)
     pooling, spatial_pooling = module.channel.pooling, module.spatial.pooling
