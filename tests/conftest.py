@@ -25,9 +25,21 @@ import os
 # environment wins if it says otherwise.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+# One torch thread per test process (and, through the environment, per notebook kernel and
+# per subprocess). The tests' tensors are small: a second intra-op thread gains little on
+# an idle machine, and on a shared one it costs dearly: when another process holds the
+# other core, the two OpenMP threads wait for each other at every parallel operation.
+# Measured on this 2-core machine under load (tests/test_feature_fusion.py -k "maps_agree
+# or commutes_with_position or swapping_inputs", CPU of the process tree): 33.8 s with
+# torch's default 2 threads, 9.4 s with 1. Parallelism comes from `pytest -n 2` instead
+# (pytest-xdist: one process per core). OMP_NUM_THREADS=2 in the environment overrides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # if torch was imported before
 
 settings.register_profile(
     "fast",
