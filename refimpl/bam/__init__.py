@@ -21,6 +21,7 @@ from refimpl.bam.numpy_forward import attention_map, bam, channel_gate, spatial_
 # The PyTorch side loads on first use: the NumPy forward imports without torch.
 _TORCH_SIDE = {
     "convert_official_state_dict": "refimpl.bam.convert",
+    "load_official_state_dict": "refimpl.bam.convert",
     "BAMResNet": "refimpl.bam.networks",
     "bam_resnet50": "refimpl.bam.networks",
     "BAM": "refimpl.bam.torch_module",
@@ -39,5 +40,6 @@ __all__ = [
     "bam_resnet50",
     "channel_gate",
     "convert_official_state_dict",
+    "load_official_state_dict",
     "spatial_gate",
 ]

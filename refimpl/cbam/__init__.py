@@ -21,6 +21,7 @@ from refimpl.cbam.numpy_forward import cbam, channel_attention, spatial_attentio
 # The PyTorch side loads on first use: the NumPy forward imports without torch.
 _TORCH_SIDE = {
     "convert_official_state_dict": "refimpl.cbam.convert",
+    "load_official_state_dict": "refimpl.cbam.convert",
     "CBAM": "refimpl.cbam.torch_module",
     "ChannelAttention": "refimpl.cbam.torch_module",
     "SpatialAttention": "refimpl.cbam.torch_module",
@@ -34,5 +35,6 @@ __all__ = [
     "cbam",
     "channel_attention",
     "convert_official_state_dict",
+    "load_official_state_dict",
     "spatial_attention",
 ]

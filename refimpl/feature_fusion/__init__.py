@@ -27,6 +27,7 @@ from refimpl.feature_fusion.numpy_forward import (
 # The PyTorch side loads on first use: the NumPy forward imports without torch.
 _TORCH_SIDE = {
     "convert_official_state_dict": "refimpl.feature_fusion.convert",
+    "load_official_state_dict": "refimpl.feature_fusion.convert",
     "AFF": "refimpl.feature_fusion.torch_module",
     "IAFF": "refimpl.feature_fusion.torch_module",
     "MSCAM": "refimpl.feature_fusion.torch_module",
@@ -43,6 +44,7 @@ __all__ = [
     "LocalContext",
     "aff",
     "convert_official_state_dict",
+    "load_official_state_dict",
     "global_context",
     "iaff",
     "local_context",

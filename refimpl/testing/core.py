@@ -297,7 +297,8 @@ def _convert(comp: Component, converter: str | Callable, user_sd: dict) -> tuple
             raise ValueError(
                 f"no converter {converter!r} for {comp.paper}; refimpl has: {known or 'none'}"
             )
-    out = fn(user_sd)
+    kwargs = {"warn": False} if "warn" in inspect.signature(fn).parameters else {}
+    out = fn(user_sd, **kwargs)  # renaming is all compare needs: the form is checked after
     if isinstance(out, tuple):  # (state dict, options)
         return dict(out[0]), dict(out[1])
     return dict(out), {}
