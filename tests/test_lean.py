@@ -1,0 +1,179 @@
+"""Lean training (issue 13): what the modules save for backward, and that it changes nothing.
+
+MS-CAM, AFF and iAFF save only their inputs, PWConv1's output (MS-CAM) and the small
+global branches in training, and run the rest again in backward
+(``refimpl.feature_fusion.torch_module._Recompute``). These tests pin the bytes (counted
+by the benchmark's own counter: deterministic, so asserted exactly enough) and check that
+the recomputation is invisible: the same output, gradients and running statistics as the
+plain autograd graph (``return_maps=True`` takes the plain path), gradcheck and
+gradgradcheck, batch norms still called as modules.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from refimpl.bench import saved_bytes
+from refimpl.feature_fusion.torch_module import AFF, IAFF, MSCAM
+
+#: name -> (constructor, number of inputs, options, the most bytes saved per byte of X)
+FUSION = {
+    "mscam": (MSCAM, 1, {}, 1.5),
+    "aff": (AFF, 2, {}, 2.5),
+    "aff_factor_two": (AFF, 2, {"factor_two": True}, 2.5),
+    "iaff": (IAFF, 2, {}, 4.0),
+    "iaff_share_global": (IAFF, 2, {"share_global": True}, 4.0),
+}
+
+#: Without the small (N, C)-sized tensors of the global branches (which matter only at small
+#: maps): the large tensors saved, per byte of X. MS-CAM: X and PWConv1's output (C/r = C/4
+#: channels); AFF: X and Y; iAFF: X, Y and X (+) Y.
+LARGE = {"mscam": 1.25, "aff": 2.0, "aff_factor_two": 2.0, "iaff": 3.0, "iaff_share_global": 3.0}
+
+
+def _build(name: str, channels: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    cls, _, options, _ = FUSION[name]
+    module = cls(channels, **options).to(dtype).train()
+    with torch.no_grad():  # running statistics away from their defaults, eval is no no-op
+        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+def _inputs(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+        for _ in range(FUSION[name][1])
+    ]
+
+
+def _saved_per_x(module: nn.Module, xs: list[torch.Tensor]) -> float:
+    saved = saved_bytes(module, *xs, exclude=list(module.parameters()))
+    return saved / (xs[0].numel() * xs[0].element_size())
+
+
+@pytest.mark.parametrize("name", FUSION)
+@pytest.mark.parametrize("shape", [(2, 512, 7, 7), (8, 256, 28, 28), (32, 64, 56, 56)])
+def test_saved_for_backward_at_the_benchmark_shapes(name, shape) -> None:
+    """The issue's bounds at the benchmark's shapes, parameters excluded, per byte of X."""
+    module = _build(name, shape[1])
+    xs = _inputs(name, shape, torch.float32, 0)
+    ratio = _saved_per_x(module, xs)
+    assert ratio <= FUSION[name][3], f"{name} {shape}: {ratio:.4f} > {FUSION[name][3]}"
+    # and what it is made of: the large tensors, plus (N, C)-sized ones of the global branches
+    n, c, h, w = shape
+    assert LARGE[name] <= ratio <= LARGE[name] + 16 / (h * w), f"{name} {shape}: {ratio:.4f}"
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_saved_for_backward_float64_and_channels_last(name) -> None:
+    """The bounds hold in float64 and for channels_last inputs too (per X's own bytes)."""
+    for dtype, memory_format in (
+        (torch.float64, torch.contiguous_format),
+        (torch.float32, torch.channels_last),
+    ):
+        module = _build(name, 64, dtype)
+        xs = [
+            x.detach().contiguous(memory_format=memory_format).requires_grad_()
+            for x in _inputs(name, (4, 64, 14, 14), dtype, 1)
+        ]
+        assert _saved_per_x(module, xs) <= LARGE[name] + 16 / 196
+
+
+@given(
+    name=st.sampled_from(sorted(FUSION)),
+    n=st.integers(2, 4),
+    c=st.integers(1, 12),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    channels_last=st.booleans(),
+)
+def test_lean_equals_plain_autograd(name, n, c, h, w, seed, channels_last) -> None:
+    """Output, every gradient (inputs and parameters) and the running statistics after one
+    step equal those of the plain graph (``return_maps=True``), float64, to 1e-12."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lean = _build(name, c, torch.float64)
+    plain = copy.deepcopy(lean)
+    xs = [
+        x.detach().contiguous(memory_format=fmt)
+        for x in _inputs(name, (n, c, h, w), torch.float64, seed)
+    ]
+    xs_lean = [x.clone().requires_grad_() for x in xs]
+    xs_plain = [x.clone().requires_grad_() for x in xs]
+    out = lean(*xs_lean)
+    ref, _ = plain(*xs_plain, return_maps=True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    got = torch.autograd.grad(out, [*xs_lean, *lean.parameters()], grad)
+    want = torch.autograd.grad(ref, [*xs_plain, *plain.parameters()], grad)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for (pname, _), a, b in zip(
+        [("X", 0)] * len(xs) + list(lean.named_parameters()), got, want, strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{name}: grad of {pname}")
+    for (bname, a), b in zip(lean.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: {bname} after one step")
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_lean_gradcheck_and_gradgradcheck(name) -> None:
+    module = _build(name, 4, torch.float64)
+    xs = _inputs(name, (3, 4, 2, 3), torch.float64, 2)
+    assert torch.autograd.gradcheck(module, xs)
+    assert torch.autograd.gradgradcheck(module, xs)
+
+
+def _count_calls(module: nn.Module) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for bname, bn in module.named_modules():
+        if isinstance(bn, nn.BatchNorm2d):
+
+            def hook(m, i, o, k=bname) -> None:  # noqa: ANN001
+                calls[k] = calls.get(k, 0) + 1
+
+            bn.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_lean_calls_every_batch_norm_as_a_module(name) -> None:
+    """Forward hooks of every batch norm fire in the training forward as often as in the
+    plain graph (SyncBatchNorm and hooks rely on it), the local branches' once more in
+    backward's recomputation, and the running statistics move as in the plain graph."""
+    lean = _build(name, 8)
+    plain = copy.deepcopy(lean)
+    calls, plain_calls = _count_calls(lean), _count_calls(plain)
+    xs = _inputs(name, (2, 8, 3, 3), torch.float32, 3)
+    out = lean(*xs)
+    plain(*xs, return_maps=True)
+    every = {k for k, m in lean.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(calls) == every
+    assert calls == plain_calls
+    out.sum().backward()
+    for k, v in calls.items():  # the local branches ran again in backward
+        assert v == plain_calls[k] + (1 if "local" in k else 0), (k, v)
+    for (bname, a), b in zip(lean.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(a, b), bname
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_no_grad_and_eval_take_the_plain_path(name) -> None:
+    """Nothing to differentiate, or eval: no recomputation node in the graph."""
+    module = _build(name, 8)
+    xs = _inputs(name, (2, 8, 3, 3), torch.float32, 4)
+    with torch.no_grad():
+        assert module(*xs).grad_fn is None
+    out = module.eval()(*xs)
+    assert "Recompute" not in type(out.grad_fn).__name__
+    out = module.train()(*xs)
+    assert "Recompute" in type(out.grad_fn).__name__
