@@ -177,3 +177,17 @@ def test_no_grad_and_eval_take_the_plain_path(name) -> None:
     assert "Recompute" not in type(out.grad_fn).__name__
     out = module.train()(*xs)
     assert "Recompute" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("name", FUSION)
+def test_recompute_false_keeps_the_whole_graph(name) -> None:
+    """``recompute=False``: the plain graph (more saved, same values and gradients)."""
+    cls, _, options, bound = FUSION[name]
+    lean = _build(name, 16, torch.float64)
+    full = copy.deepcopy(lean)
+    full.recompute = False
+    xs = _inputs(name, (2, 16, 8, 8), torch.float64, 5)
+    assert "Recompute" not in type(full(*xs).grad_fn).__name__
+    assert _saved_per_x(full, xs) > bound >= _saved_per_x(lean, xs)
+    assert cls(16, recompute=False, **options).recompute is False
+    torch.testing.assert_close(full(*xs), lean(*xs), rtol=0, atol=1e-12)

@@ -174,7 +174,7 @@ def _lean(module: nn.Module, *tensors: torch.Tensor) -> bool:
     """Whether ``module`` takes the lean training path on ``tensors``: training, gradient
     mode on, something to differentiate, and not being traced (``torch.compile`` and
     ``torch.export`` plan their own recomputation; they get the plain graph)."""
-    if not (module.training and torch.is_grad_enabled()):
+    if not (module.training and module.recompute and torch.is_grad_enabled()):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -459,6 +459,9 @@ class MSCAM(nn.Module):
         bias: biases in the 1x1 convolutions (the official code has them).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
+        recompute: in training, save only the inputs and run the local context again in
+            backward (the module docstring's "Saved for backward"); False keeps the whole
+            graph: more memory, a faster backward.
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1, any floating dtype and device; training
@@ -473,6 +476,7 @@ class MSCAM(nn.Module):
         *,
         hidden_channels: int | None = None,
         bias: bool = True,
+        recompute: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -487,6 +491,7 @@ class MSCAM(nn.Module):
         self.global_att = GlobalContext(channels, reduction, **options)  # g
         self.channels = channels
         self.hidden_channels = self.local_att.hidden_channels
+        self.recompute = bool(recompute)  # the lean training path (see _lean)
 
     def reset_parameters(self) -> None:
         """Re-initialise both branches as PyTorch does."""
@@ -536,6 +541,9 @@ class AFF(nn.Module):
         bias: biases in the 1x1 convolutions (the official code has them).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
+        recompute: in training, save only the inputs and run the local context again in
+            backward (the module docstring's "Saved for backward"); False keeps the whole
+            graph: more memory, a faster backward.
         factor_two: return 2 Z, as the paper-era official code does (default: the paper).
 
     Shape:
@@ -551,6 +559,7 @@ class AFF(nn.Module):
         hidden_channels: int | None = None,
         bias: bool = True,
         factor_two: bool = False,
+        recompute: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -565,6 +574,7 @@ class AFF(nn.Module):
         self.global_att = GlobalContext(channels, reduction, **options)  # g
         self.channels = channels
         self.hidden_channels = self.local_att.hidden_channels
+        self.recompute = bool(recompute)  # the lean training path (see _lean)
         self.factor_two = bool(factor_two)
 
     def reset_parameters(self) -> None:
@@ -616,6 +626,9 @@ class IAFF(nn.Module):
         bias: biases in the 1x1 convolutions (the official code has them).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
+        recompute: in training, save only the inputs and run the local context again in
+            backward (the module docstring's "Saved for backward"); False keeps the whole
+            graph: more memory, a faster backward.
         share_global: the second MS-CAM reuses the first one's global branch, as the
             popular PyTorch code does (its ``global_att2`` is never used); the module then
             has no ``global_att2``. Default: the paper's separate branch.
@@ -633,6 +646,7 @@ class IAFF(nn.Module):
         hidden_channels: int | None = None,
         bias: bool = True,
         share_global: bool = False,
+        recompute: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -651,6 +665,7 @@ class IAFF(nn.Module):
             self.global_att2 = GlobalContext(channels, reduction, **options)  # g of M_2
         self.channels = channels
         self.hidden_channels = self.local_att.hidden_channels
+        self.recompute = bool(recompute)  # the lean training path (see _lean)
 
     @property
     def global_context2(self) -> GlobalContext:
