@@ -29,6 +29,7 @@ from refimpl.bam import (
     bam_resnet50,
     channel_gate,
     convert_official_state_dict,
+    load_official_state_dict,
     spatial_gate,
 )
 from refimpl.bam.convert import OFFICIAL_OPTIONS
@@ -545,6 +546,16 @@ def test_converter_on_a_whole_official_network():
     target.load_state_dict(convert_official_state_dict(official))  # strict: every key matches
     x = to_torch(normal((2, 3, 32, 32), 1))
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    # The loader takes the whole training checkpoint and gives the same network...
+    checkpoint = {"epoch": 90, "arch": "resnet", "state_dict": official, "best_prec1": 0.0}
+    fresh = BAMResNet(layout="torchvision", **kwargs, **OFFICIAL_OPTIONS).double().eval()
+    loaded = load_official_state_dict(fresh, checkpoint)
+    torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+    # ...and refuses the paper's sum, into which the renamed keys load just as strictly.
+    summed = BAMResNet(layout="torchvision", **kwargs, norm="hidden").double()
+    summed.load_state_dict(convert_official_state_dict(official))
+    with pytest.raises(ValueError, match=r"bam1 has combine='sum'"):
+        load_official_state_dict(summed, checkpoint)
 
 
 def test_converter_rejects_layers_it_cannot_place():

@@ -25,6 +25,7 @@ from refimpl.cbam import (
     SpatialAttention,
     cbam,
     convert_official_state_dict,
+    load_official_state_dict,
     popular,
 )
 from refimpl.cbam.networks import cbam_resnet50, zero_init_spatial_bn_
@@ -584,6 +585,12 @@ def test_official_state_dict_loads_and_matches_the_official_formula(prefix, trai
     module.load_state_dict(converted, strict=True)
     x = to_torch(normal((3, 48, 9, 8), 12))
     torch.testing.assert_close(module(x), official_formula(x, sd, training), rtol=1e-12, atol=1e-14)
+    if "layer" not in prefix:  # a module's checkpoint: the loader gives the same module
+        loaded = CBAM(48, 16, variant="official").double().train(training)
+        load_official_state_dict(
+            loaded, {"epoch": 90, "state_dict": {prefix + k: v for k, v in sd.items()}}
+        )
+        torch.testing.assert_close(loaded(x), module(x), rtol=0, atol=0)
     # and the NumPy side reads the converted weights as they are
     np_out = cbam(x.numpy(), state_dict_numpy(module), variant="official", training=training)
     assert_close_report(np_out, official_formula(x, sd, training).numpy(), rtol=1e-10, atol=1e-12)
@@ -618,6 +625,16 @@ def test_official_network_state_dict_loads():
     converted = convert_official_state_dict(official)  # values: the name each must get
     assert set(converted) == ours_keys
     assert all(key == value for key, value in converted.items())
+    # The paper's form has the same keys; the loader refuses it, naming a spatial gate.
+    with torch.device("meta"):
+        paper_order = cbam_resnet50(
+            layout="torchvision",
+            variant="official",
+            cbam_options={"spatial_pooling": ("avg", "max")},
+        )
+    assert set(paper_order.state_dict()) == ours_keys
+    with pytest.raises(ValueError, match=r"layer1\.0\.attention\.spatial stacks \('avg', 'max'\)"):
+        load_official_state_dict(paper_order, {})
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -32,7 +32,11 @@ from refimpl.feature_fusion import (
     local_context,
     mscam,
 )
-from refimpl.feature_fusion.convert import convert_official_state_dict, to_official_state_dict
+from refimpl.feature_fusion.convert import (
+    convert_official_state_dict,
+    load_official_state_dict,
+    to_official_state_dict,
+)
 from refimpl.feature_fusion.networks import aff_resnet50, iaff_resnet50
 from refimpl.feature_fusion.popular import (
     PopularAFF,
@@ -604,11 +608,16 @@ def test_momentum_none_updates_running_statistics_as_batchnorm2d():
 
 def test_converter_renames_and_round_trips():
     popular = PopularIAFF(16, 4)
-    converted = convert_official_state_dict(popular.state_dict(), share_global=True)
+    with pytest.warns(UserWarning, match=r"only renames keys.*load_official_state_dict"):
+        converted = convert_official_state_dict(popular.state_dict(), share_global=True)
     ours = IAFF(16, 4, share_global=True)
     assert list(converted) == list(ours.state_dict())
     ours.load_state_dict(converted)  # strict
-    full = convert_official_state_dict(popular.state_dict())
+    # The loader renames the same way; a module alone keeps X and Y (no swap).
+    loaded = load_official_state_dict(IAFF(16, 4, share_global=True), popular.state_dict())
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, converted[key]), key
+    full = convert_official_state_dict(popular.state_dict(), warn=False)
     assert list(full) == list(IAFF(16, 4).state_dict())
     assert list(to_official_state_dict(full)) == list(popular.state_dict())
     with pytest.raises(KeyError, match="holds no weights"):
@@ -653,13 +662,17 @@ def test_converter_loads_an_official_network_called_the_official_way_round():
         fusion=lambda c: AFF(c, 4, factor_two=True),
         fusion_stages=(1, 2, 3, 4),
     ).double()
-    ours.load_state_dict(convert_official_state_dict(state, swap_xy=True))
+    ours.load_state_dict(convert_official_state_dict(state, swap_xy=True, warn=False))
     x = to_torch(normal((2, 3, 32, 32), 3))
     torch.testing.assert_close(ours.eval()(x), official(x), rtol=1e-10, atol=1e-12)
     # Without the swap the weights load but compute something else.
     wrong = copy.deepcopy(ours)
-    wrong.load_state_dict(convert_official_state_dict(state))
+    wrong.load_state_dict(convert_official_state_dict(state, warn=False))
     assert (wrong(x) - official(x)).abs().max() > 1e-6
+    # The loader swaps for a network by default, and takes a DataParallel checkpoint.
+    checkpoint = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}
+    loaded = load_official_state_dict(copy.deepcopy(wrong), checkpoint)
+    torch.testing.assert_close(loaded(x), official(x), rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
