@@ -57,13 +57,13 @@ act on fresh products, never on views (autograd would copy the base in backward)
 soft selection of Eq. (4) is one ``torch.lerp``: ``Y + M (X - Y)``. Training mode
 calls every batch norm as a module (so ``nn.SyncBatchNorm.convert_sync_batchnorm`` and
 forward hooks take effect); only eval mode folds them, reading the layers' buffers.
-Saved for backward in training (issue 13; per byte of ONE input X, parameters excluded):
-the local context and the fusion run again in backward (:class:`_Recompute`, a custom
-autograd Function that saves only its inputs and calls the batch norms as modules both
-times, keeping the running statistics of one update), so MS-CAM saves X and PWConv1's
-output (1.25 plus the global branch's (N, C) vectors; was 3.50), AFF X and Y (2.0; was
-5.5, the popular code 6.5) and iAFF X, Y and X (+) Y (3.0; was 9.0, the popular code
-11.0). The price is the local context computed twice per training step.
+Saved for backward in training (issue 13; per byte of ONE input X, parameters excluded): the
+local context and the fusion run again in backward (:class:`refimpl._recompute.Recompute`, a
+custom autograd Function that saves only its inputs and calls the batch norms as modules
+both times, keeping the running statistics of one update), so MS-CAM saves X and PWConv1's
+output (1.25 plus the global branch's (N, C) vectors; was 3.50), AFF X and Y (2.0; was 5.5,
+the popular code 6.5) and iAFF X, Y and X (+) Y (3.0; was 9.0, the popular code 11.0). The
+price is the local context computed twice per training step.
 ``torch.compile``/``torch.export`` and eval mode take the plain graph. Against
 an eager transcription of the popular code (2 CPU threads): forward 1.8-3.1 times
 faster, forward and backward 1.2-1.7 times, at (8, 256, 28, 28), (32, 64, 56, 56) and
@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_positive_int, check_same_shape
+from refimpl._recompute import recompute as _recompute
 from refimpl._torch_checks import (
     check_matches_module,
     check_same_device,
@@ -181,82 +182,6 @@ def _lean(module: nn.Module, *tensors: torch.Tensor) -> bool:
     return any(t.requires_grad for t in tensors) or any(
         p.requires_grad for p in module.parameters()
     )
-
-
-class _Recompute(torch.autograd.Function):
-    """``run(*inputs)`` that saves only ``inputs`` for backward and runs again there.
-
-    The lean training path of MS-CAM, AFF and iAFF. Forward runs ``run`` without
-    recording a graph and saves its tensor inputs (``ctx.save_for_backward``, so the
-    benchmark's saved-tensor hook sees them); backward runs it again with the graph on,
-    under the forward's autocast state, and differentiates it. ``run`` calls the batch
-    norms as modules both times (so ``SyncBatchNorm`` synchronises statistics in both, and
-    its backward is the module's own); the running statistics of ``modules`` are restored
-    after the second run, so one training step updates them once, as plain autograd does.
-    The recomputation gives the same values, so the gradients are plain autograd's. In
-    double backward (``create_graph``) the second run is recorded on the saved inputs
-    themselves, so gradgradcheck holds.
-    """
-
-    @staticmethod
-    def forward(ctx, run, modules, n_inputs, *tensors):  # noqa: ANN001, ANN205
-        ctx.run, ctx.modules = run, modules
-        ctx.params = tensors[n_inputs:]  # the modules' own parameters: used, not saved
-        device_type = tensors[0].device.type
-        ctx.device_type = device_type
-        ctx.autocast = torch.is_autocast_enabled(device_type)
-        ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
-        ctx.save_for_backward(*tensors[:n_inputs])
-        return run(*tensors[:n_inputs])
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        inputs = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()
-        if not create_graph:  # a graph of its own, not hung on the forward's
-            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
-        everything = (*inputs, *ctx.params)
-        wanted = [i for i, t in enumerate(everything) if ctx.needs_input_grad[3 + i]]
-        # The second run updates copies of the running statistics, thrown away after it:
-        # the layers keep their own buffers (swapped, not written: the batch norms' graph
-        # may hold them), so one training step updates them once.
-        kept = [
-            (m, name, b)
-            for top in ctx.modules
-            for m in top.modules()
-            for name, b in m._buffers.items()
-            if b is not None
-        ]
-        for m, name, b in kept:
-            m._buffers[name] = b.clone()
-        try:
-            with (
-                torch.enable_grad(),
-                torch.autocast(ctx.device_type, ctx.autocast_dtype, enabled=ctx.autocast),
-            ):
-                out = ctx.run(*inputs)
-        finally:
-            for m, name, b in kept:
-                m._buffers[name] = b
-        grads = torch.autograd.grad(
-            out,
-            [everything[i] for i in wanted],
-            grad,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-        result: list[torch.Tensor | None] = [None] * len(everything)
-        for i, g in zip(wanted, grads, strict=True):
-            result[i] = g
-        return (None, None, None, *result)
-
-
-def _recompute(
-    run: Callable[..., torch.Tensor], modules: tuple[nn.Module, ...], *inputs: torch.Tensor
-) -> torch.Tensor:
-    """``run(*inputs)``, saving only ``inputs`` for backward (see :class:`_Recompute`)."""
-    params = [p for m in modules for p in m.parameters()]
-    return _Recompute.apply(run, modules, len(inputs), *inputs, *params)
 
 
 # ---------------------------------------------------------------------------------------
@@ -516,7 +441,7 @@ class MSCAM(nn.Module):
 
     def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training: saves X, PWConv1's output (C/r channels) and the small global branch;
-        the rest of Eq. (3) runs again in backward (:class:`_Recompute`)."""
+        the rest of Eq. (3) runs again in backward (:class:`refimpl._recompute.Recompute`)."""
         local = self.local_att
         g = self.global_att.vector(x)  # g(X), (N, C), plain autograd (small)
         h = _conv1x1(_flat(x), local.conv1.weight.flatten(1), local.conv1.bias)  # PWConv1
@@ -605,7 +530,7 @@ class AFF(nn.Module):
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Training, lean path: Eq. (4) given g(X + Y); saves X, Y and g only (the local
-        context runs again in backward, :class:`_Recompute`)."""
+        context runs again in backward, :class:`refimpl._recompute.Recompute`)."""
         M = self.local_att.logits(x + y, g, gate=True)  # Eq. (3) on X + Y
         Z = torch.lerp(y, x, M.to(x.dtype))  # Eq. (4)
         return Z.mul_(2) if self.factor_two else Z
@@ -699,7 +624,7 @@ class IAFF(nn.Module):
 
     def _lean_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Training: saves X, Y, X (+) Y and the small global branches; each local context
-        runs again in backward (:class:`_Recompute`)."""
+        runs again in backward (:class:`refimpl._recompute.Recompute`)."""
         local1, local2 = self.local_att, self.local_att2
 
         def run1(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Recompute in backward: a custom autograd Function that saves only its inputs.
+
+Shared by the modules that trade computation for memory in training (feature fusion's
+lean path, the residual attention module's ``checkpoint_mask``). Unlike
+``torch.utils.checkpoint`` it saves its inputs through ``ctx.save_for_backward`` (so a
+saved-tensor hook, the benchmark's counter, sees them) and keeps the batch norms' running
+statistics to one update per training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class Recompute(torch.autograd.Function):
+    """``run(*inputs)`` that saves only ``inputs`` for backward and runs again there.
+
+    The lean training path of MS-CAM, AFF and iAFF, and the residual attention module's
+    activation checkpointing. Forward runs ``run`` without recording a graph and saves its
+    tensor inputs (``ctx.save_for_backward``, so the benchmark's saved-tensor hook sees
+    them); backward runs it again with the graph on, under the forward's autocast state, and
+    differentiates it. ``run`` calls the batch norms as modules both times (so
+    ``SyncBatchNorm`` synchronises statistics in both, and its backward is the module's
+    own); the running statistics of ``modules`` are restored after the second run, so one
+    training step updates them once, as plain autograd does. The recomputation gives the
+    same values, so the gradients are plain autograd's. In double backward
+    (``create_graph``) the second run is recorded on the saved inputs themselves, so
+    gradgradcheck holds.
+    """
+
+    @staticmethod
+    def forward(ctx, run, modules, n_inputs, *tensors):  # noqa: ANN001, ANN205
+        ctx.run, ctx.modules = run, modules
+        ctx.params = tensors[n_inputs:]  # the modules' own parameters: used, not saved
+        device_type = tensors[0].device.type
+        ctx.device_type = device_type
+        ctx.autocast = torch.is_autocast_enabled(device_type)
+        ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
+        ctx.save_for_backward(*tensors[:n_inputs])
+        return run(*tensors[:n_inputs])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        inputs = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()
+        if not create_graph:  # a graph of its own, not hung on the forward's
+            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
+        everything = (*inputs, *ctx.params)
+        wanted = [i for i, t in enumerate(everything) if ctx.needs_input_grad[3 + i]]
+        # The second run updates copies of the running statistics, thrown away after it:
+        # the layers keep their own buffers (swapped, not written: the batch norms' graph
+        # may hold them), so one training step updates them once.
+        kept = [
+            (m, name, b)
+            for top in ctx.modules
+            for m in top.modules()
+            for name, b in m._buffers.items()
+            if b is not None
+        ]
+        for m, name, b in kept:
+            m._buffers[name] = b.clone()
+        try:
+            with (
+                torch.enable_grad(),
+                torch.autocast(ctx.device_type, ctx.autocast_dtype, enabled=ctx.autocast),
+            ):
+                out = ctx.run(*inputs)
+        finally:
+            for m, name, b in kept:
+                m._buffers[name] = b
+        grads = torch.autograd.grad(
+            out,
+            [everything[i] for i in wanted],
+            grad,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        result: list[torch.Tensor | None] = [None] * len(everything)
+        for i, g in zip(wanted, grads, strict=True):
+            result[i] = g
+        return (None, None, None, *result)
+
+
+def recompute(
+    run: Callable[..., torch.Tensor], modules: tuple[nn.Module, ...], *inputs: torch.Tensor
+) -> torch.Tensor:
+    """``run(*inputs)``, saving only ``inputs`` for backward (see :class:`Recompute`)."""
+    params = [p for m in modules for p in m.parameters()]
+    return Recompute.apply(run, modules, len(inputs), *inputs, *params)
