@@ -58,20 +58,15 @@ class Example:
         inputs: the positional inputs of ``module`` (one tensor, or X and Y for fusion).
         options: keyword options of the NumPy forward that are not in the state dict,
             named as the module's constructor arguments (``training`` excluded).
+        module_options: the constructor options ``module`` was built with (besides the
+            channel count): what ``refimpl.testing.check_invariants`` is told the module
+            implements (``python -m refimpl check`` passes them).
     """
 
     module: nn.Module
     inputs: tuple[torch.Tensor, ...]
     options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Invariant:
-    """The outcome of one property check on an example: a name, a verdict, a number."""
-
-    name: str
-    ok: bool
-    detail: str
+    module_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class SkipProperty(Exception):
@@ -86,9 +81,10 @@ class Property:
 
     Attributes:
         name: what it states, as a reader would say it ("AFF(X, X) = X").
-        check: ``(module, inputs) -> (ok, detail)``; ``inputs`` is a tuple of float64
-            tensors; the module is float64 and in the mode ``needs`` asks for (eval unless
-            "train" is in ``needs``). It may raise :class:`SkipProperty` with a reason.
+        check: ``(module, inputs, options) -> (ok, detail)``; ``inputs`` is a tuple of float64
+            tensors; ``options`` the refimpl constructor options the module implements; the
+            module is float64 and in the mode ``needs`` asks for (eval unless "train" is
+            in ``needs``). It may raise :class:`SkipProperty` with a reason.
         needs: what the module must offer: ``"maps"`` (``forward(..., return_maps=True)``
             returning ``(out, maps)``), ``"mask_hook"`` (a ``force_mask`` attribute, as
             refimpl's ``AttentionModule``), ``"train"`` (checked in training mode).
@@ -97,7 +93,7 @@ class Property:
     """
 
     name: str
-    check: Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[bool, str]]
+    check: Callable[[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]], tuple[bool, str]]
     needs: tuple[str, ...] = ()
     batch: bool = False
 
@@ -144,8 +140,6 @@ class Component:
             builds a drop-in (N, C, H, W) -> (N, C, H, W) module.
         numpy_forward: the NumPy function, ``f(*inputs, params, training=..., **options)``.
         make_example: ``seed -> Example``; varied options and shapes per seed.
-        invariants: ``(example, output) -> [Invariant]``, the paper's properties checked
-            on one forward pass by ``python -m refimpl check``.
         attention: whether :func:`create` can build it from a channel count.
         aliases: other names :func:`create` accepts (``"se"``).
         n_inputs: 1, or 2 for the fusion modules that take (X, Y).
@@ -160,7 +154,8 @@ class Component:
             from, declared once: ``{name: (value, ...)}`` (used by ``make_example`` and by
             the Hypothesis strategies).
         properties: the paper's implementation-independent properties, run by
-            ``refimpl.testing.check_invariants`` on any module.
+            ``refimpl.testing.check_invariants`` on any module (and by ``python -m
+            refimpl check`` on the examples).
         variants: the catalogue of known variants (popular and official forms).
         build_example: ``(options, shape, seed) -> Example``: the module built with
             ``options`` (drawn from ``option_space``) for ``shape[1]`` channels, random
@@ -181,7 +176,6 @@ class Component:
     module: type[nn.Module]
     numpy_forward: Callable[..., Any]
     make_example: Callable[[int], Example]
-    invariants: Callable[[Example, torch.Tensor], list[Invariant]] = lambda ex, out: []
     attention: bool = True
     aliases: tuple[str, ...] = ()
     n_inputs: int = 1

@@ -37,6 +37,7 @@ from refimpl.bam.popular import OfficialBAM, ZooBAM, build_official_bam, load_of
 from refimpl.bam.registry import PAPER
 from refimpl.bam.torch_module import COMBINES
 from refimpl.registry import get, randomize_, state_dict_numpy
+from refimpl.testing import check_invariants
 from tests.strategies import (
     assert_close_report,
     nchw_shapes,
@@ -383,9 +384,7 @@ def test_registry_component(monkeypatch):
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
     for seed in range(3):
         ex = comp.make_example(seed)
-        with torch.no_grad():
-            found = comp.invariants(ex, ex.module(*ex.inputs))
-        assert all(inv.ok for inv in found), found
+        check_invariants(ex.module, "bam", options=ex.module_options, examples=3).assert_ok()
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,17 @@ from torch import nn
 import refimpl
 from refimpl import check
 from refimpl.__main__ import main
-from refimpl.registry import Invariant, components, papers, randomize_, state_dict_numpy
+from refimpl.registry import (
+    Component,
+    Property,
+    SkipProperty,
+    components,
+    get,
+    papers,
+    randomize_,
+    state_dict_numpy,
+)
+from refimpl.testing import core as testing_core
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = list(components().values())
@@ -98,14 +108,41 @@ def test_check_fails_on_a_disagreeing_component(monkeypatch, capsys):
     assert "| ok |" in rows["float32 eval vs NumPy"]  # 1e-8 is inside float32's tolerance
 
 
-def test_check_fails_on_a_broken_invariant(monkeypatch, capsys):
+def _with_properties(monkeypatch, *props: Property) -> Component:
+    """The first component with ``props`` added, seen by both ``check`` and the kit."""
     comp = COMPONENTS[0]
-    broken = dataclasses.replace(
-        comp, invariants=lambda ex, out: [Invariant("always broken", False, "by design")]
-    )
-    monkeypatch.setattr(check, "get", lambda name: broken)
+    patched = dataclasses.replace(comp, properties=(*comp.properties, *props))
+    monkeypatch.setattr(check, "get", lambda name: patched)
+    monkeypatch.setattr(testing_core, "get", lambda name: patched)
+    return patched
+
+
+def test_check_fails_on_a_broken_invariant(monkeypatch, capsys):
+    comp = _with_properties(monkeypatch, Property("always broken", lambda m, i, o: (False, "bad")))
     assert main(["--only", comp.name, "--examples", "1", "--device", "cpu"]) == 1
-    assert "invariant: always broken |  |  | FAIL | by design |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if "invariant: always broken" in x]
+    assert "|  |  | FAIL | input (" in line and ": bad" in line, line
+
+
+def test_check_shows_a_skipped_invariant_as_skipped(monkeypatch, capsys):
+    def never(module, inputs, options):
+        raise SkipProperty("by design")
+
+    comp = _with_properties(monkeypatch, Property("never checkable", never))
+    assert main(["--only", comp.name, "--examples", "1", "--device", "cpu"]) == 0
+    assert "invariant: never checkable |  |  | skip | by design |" in capsys.readouterr().out
+
+
+def test_check_runs_every_registered_property(capsys):
+    """Every property of the paper, and the kit's generic ones, get a row of ``check``."""
+    comp = get("cbam")
+    assert main(["--only", comp.name, "--examples", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for prop in comp.properties:
+        escaped = prop.name.replace("|", "\\|")  # the table escapes pipes
+        assert f"invariant: {escaped} |" in out, prop.name
+    assert "invariant: batch items independent (eval) |" in out
 
 
 def test_unknown_component_is_a_usage_error(capsys):
@@ -127,3 +164,17 @@ def test_module_entry_point_runs():
     )
     assert done.returncode == 0, done.stderr
     assert "SqueezeExcitation" in done.stdout
+
+
+@pytest.mark.parametrize("comp", COMPONENTS, ids=lambda c: c.name)
+def test_examples_carry_their_constructor_options(comp):
+    """``Example.module_options`` rebuild the example's module (same keys and shapes, same
+    options-driven attributes): ``check`` tells the kit what the module implements."""
+    for seed in range(3):
+        ex = comp.make_example(seed)
+        rebuilt = comp.module(ex.inputs[0].shape[1], **ex.module_options)
+        want = {k: tuple(v.shape) for k, v in ex.module.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == want, seed
+        with torch.no_grad():
+            got = tuple(rebuilt.double().eval()(*ex.inputs).shape)
+            assert got == tuple(ex.module(*ex.inputs).shape), seed

@@ -1,4 +1,4 @@
-"""The BAM paper in the registry: its facts, its component, a random example, invariants."""
+"""The BAM paper in the registry: its facts, its component, a random example, properties."""
 
 from __future__ import annotations
 
@@ -13,14 +13,22 @@ from refimpl.bam.torch_module import BAM, COMBINES, NORMS
 from refimpl.registry import (
     Component,
     Example,
-    Invariant,
     Paper,
     Variant,
     draw_case,
     random_input,
     randomize_,
 )
-from refimpl.testing.properties import maps_explain_output, scales_input
+from refimpl.testing.properties import (
+    close,
+    map_in_range,
+    map_of,
+    map_unchanged_by_permuting,
+    maps_explain_output,
+    property_,
+    returned_maps,
+    scales_input,
+)
 
 #: The constructor options and the values tests and examples draw from. C from 1 upward
 #: with r up to 16, so C < r (hidden width 1) comes up often; dilations up to 5 exceed most
@@ -46,7 +54,8 @@ def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     """A BAM with ``options`` for ``shape``, random weights from ``seed``."""
     module = randomize_(BAM(shape[1], **options).double(), seed).eval()
     keys = ("dilation", "norm", "combine")
-    return Example(module, (random_input(shape, seed + 1),), {k: options[k] for k in keys})
+    numpy_options = {k: options[k] for k in keys}
+    return Example(module, (random_input(shape, seed + 1),), numpy_options, dict(options))
 
 
 def make_example(seed: int) -> Example:
@@ -56,37 +65,25 @@ def make_example(seed: int) -> Example:
     return build_example(options, shape, seed)
 
 
-def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """BAM's properties, checked on one example."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    M_c, M_s, M = maps["M_c"], maps["M_s"], maps["M"]
-    found = []
-    inside = bool(((M >= 0) & (M <= 1)).all())
-    found.append(Invariant("M in [0, 1]", inside, f"M in [{M.min():.3g}, {M.max():.3g}]"))
-    # F' = F (1 + M) with M in [0, 1]: between F and 2F, on F's side of zero.
-    between = bool(((out - x) * x >= 0).all() and (out.abs() <= 2 * x.abs()).all())
-    found.append(Invariant("out between x and 2x", between, ""))
-    M_c4, M_s4 = M_c[:, :, None, None], M_s[:, None]
-    logits = M_c4 + M_s4 if module.combine == "sum" else M_c4 * M_s4
-    err = (torch.sigmoid(logits) - M).abs().max().item()
-    found.append(Invariant(f"M = sigmoid(M_c {module.combine} M_s)", err <= 1e-14, f"{err:.2e}"))
-    # The channel branch sees only the global average: permuting positions leaves M_c.
-    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
-    x_perm = x.flatten(2)[:, :, perm].reshape(x.shape)
-    err = (module.channel_gate(x_perm) - M_c).abs().max().item()
-    found.append(Invariant("M_c unchanged by position permutations", err <= 1e-12, f"{err:.2e}"))
-    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
-    found.append(Invariant("batch items independent (eval)", err <= 1e-12, f"{err:.2e}"))
-    return found
-
-
 # ---------------------------------------------------------------------------------------
 # Properties and catalogue (refimpl.testing)
+
+
+def _combined(module, inputs, options) -> tuple[bool, str]:
+    """Eq. (1)-(4): M = sigmoid(M_c + M_s), or sigmoid(M_c * M_s) with combine="product"."""
+    maps = returned_maps(module, inputs)[1]
+    M_c, M_s, M = (map_of(maps, k) for k in ("M_c", "M_s", "M"))
+    M_c4, M_s4 = M_c.reshape(*M_c.shape[:2], 1, 1), M_s.reshape(M_s.shape[0], 1, *M_s.shape[-2:])
+    logits = M_c4 * M_s4 if options.get("combine", "sum") == "product" else M_c4 + M_s4
+    return close(torch.sigmoid(logits).expand_as(M), M)
+
 
 PROPERTIES = (
     scales_input(1.0, 2.0, "out = x (1 + M) with M in (0, 1): |x| <= |out| <= 2|x|, same sign"),
     maps_explain_output("out = x (1 + M), the returned M", lambda i, m, o: i[0] * (1 + m["M"])),
+    map_in_range("M", 0.0, 1.0, "M in [0, 1]"),
+    property_("M = sigmoid(M_c + M_s) (M_c * M_s with combine='product')", _combined, ("maps",)),
+    map_unchanged_by_permuting("M_c", "positions", "M_c unchanged by permuting positions"),
 )
 
 _OFFICIAL = "the official BAM code (github.com/Jongchan/attention-module)"
@@ -170,7 +167,6 @@ PAPER = Paper(
             module=BAM,
             numpy_forward=bam,
             make_example=make_example,
-            invariants=invariants,
             option_space=OPTION_SPACE,
             build_example=build_example,
             shape_space=SHAPE_SPACE,

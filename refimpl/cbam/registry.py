@@ -1,9 +1,8 @@
-"""The CBAM paper in the registry: its facts, its three components, examples, invariants."""
+"""The CBAM paper in the registry: its facts, its three components, examples, properties."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from refimpl.cbam.numpy_forward import cbam, channel_attention, spatial_attention
 from refimpl.cbam.torch_module import (
@@ -16,7 +15,6 @@ from refimpl.cbam.torch_module import (
 from refimpl.registry import (
     Component,
     Example,
-    Invariant,
     Paper,
     Variant,
     draw_case,
@@ -27,6 +25,8 @@ from refimpl.testing.properties import (
     commutes_with_channel_permutations,
     commutes_with_position_permutations,
     gate_factorises,
+    map_in_range,
+    map_unchanged_by_permuting,
     maps_explain_output,
     scales_input,
 )
@@ -89,21 +89,23 @@ def _conditioned(options: dict, shape: tuple[int, ...], training: bool) -> bool:
 def build_channel_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     """A channel gate with ``options`` for ``shape``, random weights from ``seed``."""
     module = randomize_(ChannelAttention(shape[1], **options).double(), seed).eval()
-    return Example(module, (random_input(shape, seed + 1),), {"pooling": options["pooling"]})
+    inputs = (random_input(shape, seed + 1),)
+    return Example(module, inputs, {"pooling": options["pooling"]}, dict(options))
 
 
 def build_spatial_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     """A spatial gate with ``options`` for ``shape``, random weights from ``seed``."""
     module = randomize_(SpatialAttention(shape[1], **options).double(), seed).eval()
     numpy_options = {"pooling": options["pooling"], "variant": options["variant"]}
-    return Example(module, (random_input(shape, seed + 1),), numpy_options)
+    return Example(module, (random_input(shape, seed + 1),), numpy_options, dict(options))
 
 
 def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     """A CBAM with ``options`` for ``shape``, random weights from ``seed``."""
     module = randomize_(CBAM(shape[1], **options).double(), seed).eval()
     keys = ("pooling", "spatial_pooling", "arrangement", "variant")
-    return Example(module, (random_input(shape, seed + 1),), {k: options[k] for k in keys})
+    numpy_options = {k: options[k] for k in keys}
+    return Example(module, (random_input(shape, seed + 1),), numpy_options, dict(options))
 
 
 def saved_bytes_bound(shape: tuple[int, ...]) -> float:
@@ -137,102 +139,38 @@ def make_example(seed: int) -> Example:
 
 
 # ---------------------------------------------------------------------------------------
-# Invariants
-
-
-def _inside_unit(name: str, m: torch.Tensor) -> Invariant:
-    ok = bool(((m > 0) & (m < 1)).all())
-    return Invariant(f"{name} in (0, 1)", ok, f"{name} in [{m.min():.3g}, {m.max():.3g}]")
-
-
-def _shrinks(x: torch.Tensor, out: torch.Tensor) -> Invariant:
-    ok = bool((out.abs() <= x.abs()).all() and (out * x >= 0).all())
-    return Invariant("abs(out) <= abs(x), same sign", ok, "")
-
-
-def _permute_positions(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    return t.flatten(2)[:, :, perm].reshape(t.shape)
-
-
-def _batch_independent(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> Invariant:
-    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
-    return Invariant("batch items independent (eval)", err <= 1e-12, f"{err:.2e}")
-
-
-def _product(x: torch.Tensor, out: torch.Tensor, maps: dict[str, torch.Tensor]) -> Invariant:
-    expected = x
-    for m in maps.values():
-        expected = expected * m
-    err = (out - expected).abs().max().item()
-    return Invariant("out = x * maps", err <= 1e-12, f"max err {err:.2e}")
-
-
-def channel_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """M_c in (0, 1); unchanged by permuting positions, so the output commutes with it."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
-    _, maps_perm = module(_permute_positions(x, perm), return_maps=True)
-    err = (maps_perm["M_c"] - maps["M_c"]).abs().max().item()
-    return [
-        _inside_unit("M_c", maps["M_c"]),
-        _shrinks(x, out),
-        _product(x, out, maps),
-        Invariant("M_c unchanged by permuting positions", err <= 1e-12, f"{err:.2e}"),
-        _batch_independent(module, x, out),
-    ]
-
-
-def spatial_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """M_s in (0, 1); unchanged by permuting the channels of the input."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[1]))
-    _, maps_perm = module(x[:, perm], return_maps=True)
-    err = (maps_perm["M_s"] - maps["M_s"]).abs().max().item()
-    return [
-        _inside_unit("M_s", maps["M_s"]),
-        _shrinks(x, out),
-        _product(x, out, maps),
-        Invariant("M_s unchanged by permuting channels", err <= 1e-12, f"{err:.2e}"),
-        _batch_independent(module, x, out),
-    ]
-
-
-def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """Both maps in (0, 1), the output their product with x, shrinking; M_c of F does not
-    see the order of positions (channel-spatial and parallel arrangements)."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    found = [
-        _inside_unit("M_c", maps["M_c"]),
-        _inside_unit("M_s", maps["M_s"]),
-        _shrinks(x, out),
-        _product(x, out, maps),
-        _batch_independent(module, x, out),
-    ]
-    if module.arrangement != "spatial-channel":
-        perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
-        _, maps_perm = module(_permute_positions(x, perm), return_maps=True)
-        err = (maps_perm["M_c"] - maps["M_c"]).abs().max().item()
-        found.append(Invariant("M_c unchanged by permuting positions", err <= 1e-12, f"{err:.2e}"))
-    return found
-
-
-# ---------------------------------------------------------------------------------------
 # Properties and catalogue (refimpl.testing)
 
 _GATE = "gate in (0, 1): |out| <= |x|, same sign"
+
+_M_C_INSIDE = map_in_range("M_c", 0.0, 1.0, "M_c in (0, 1)", open_interval=True)
+_M_S_INSIDE = map_in_range("M_s", 0.0, 1.0, "M_s in (0, 1)", open_interval=True)
+_M_C_POOLS = "M_c unchanged by permuting positions"
+
+
+def _channel_gate_sees_x(options: dict) -> str | None:
+    """M_c is computed from x itself (so it pools x over positions) unless the spatial gate
+    comes first."""
+    if options.get("arrangement", "channel-spatial") == "spatial-channel":
+        return "M_c is computed from x * M_s (spatial-channel arrangement)"
+    return None
+
 
 CHANNEL_PROPERTIES = (
     scales_input(0.0, 1.0, _GATE),
     gate_factorises("channel", "out / x is one factor per channel (M_c)"),
     commutes_with_position_permutations(),
+    _M_C_INSIDE,
+    maps_explain_output("out = x * M_c, the returned map", lambda i, m, o: i[0] * m["M_c"]),
+    map_unchanged_by_permuting("M_c", "positions", _M_C_POOLS),
 )
 SPATIAL_PROPERTIES = (
     scales_input(0.0, 1.0, _GATE),
     gate_factorises("position", "out / x is one factor per position (M_s)"),
     commutes_with_channel_permutations(),
+    _M_S_INSIDE,
+    maps_explain_output("out = x * M_s, the returned map", lambda i, m, o: i[0] * m["M_s"]),
+    map_unchanged_by_permuting("M_s", "channels", "M_s unchanged by permuting channels"),
 )
 PROPERTIES = (
     scales_input(0.0, 1.0, "both gates in (0, 1): |out| <= |x|, same sign"),
@@ -240,6 +178,9 @@ PROPERTIES = (
     maps_explain_output(
         "out = x * M_c * M_s, the returned maps", lambda i, m, o: i[0] * m["M_c"] * m["M_s"]
     ),
+    _M_C_INSIDE,
+    _M_S_INSIDE,
+    map_unchanged_by_permuting("M_c", "positions", _M_C_POOLS, when=_channel_gate_sees_x),
 )
 
 _OFFICIAL = "the official CBAM code (github.com/Jongchan/attention-module)"
@@ -348,7 +289,6 @@ PAPER = Paper(
             module=ChannelAttention,
             numpy_forward=channel_attention,
             make_example=make_channel_example,
-            invariants=channel_invariants,
             option_space=CHANNEL_SPACE,
             build_example=build_channel_example,
             shape_space=SHAPE_SPACE,
@@ -362,7 +302,6 @@ PAPER = Paper(
             module=SpatialAttention,
             numpy_forward=spatial_attention,
             make_example=make_spatial_example,
-            invariants=spatial_invariants,
             option_space=SPATIAL_SPACE,
             build_example=build_spatial_example,
             shape_space=SHAPE_SPACE,
@@ -377,7 +316,6 @@ PAPER = Paper(
             module=CBAM,
             numpy_forward=cbam,
             make_example=make_example,
-            invariants=invariants,
             option_space=CBAM_SPACE,
             build_example=build_example,
             shape_space=SHAPE_SPACE,

@@ -1,4 +1,4 @@
-"""The A^2-Nets paper in the registry: its facts, its component, a random example, invariants."""
+"""The A^2-Nets paper in the registry: its facts, its component, a random example, properties."""
 
 from __future__ import annotations
 
@@ -15,14 +15,21 @@ from refimpl.double_attention.torch_module import DoubleAttention
 from refimpl.registry import (
     Component,
     Example,
-    Invariant,
     Paper,
+    SkipProperty,
     Variant,
     draw_case,
     random_input,
     randomize_,
 )
-from refimpl.testing.properties import commutes_with_position_permutations
+from refimpl.testing.properties import (
+    close,
+    commutes_with_position_permutations,
+    map_of,
+    output,
+    property_,
+    returned_maps,
+)
 
 #: The constructor options and the values tests and examples draw from: widths m and n
 #: by reduction (None) or given directly (m != n and m, n > c included); the output
@@ -54,7 +61,8 @@ def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     if options["residual"] and not options["output_conv"]:
         options["m"] = shape[1]
     module = randomize_(DoubleAttention(shape[1], **options).double(), seed).eval()
-    return Example(module, (random_input(shape, seed + 1),), {"residual": options["residual"]})
+    numpy_options = {"residual": options["residual"]}
+    return Example(module, (random_input(shape, seed + 1),), numpy_options, options)
 
 
 def make_example(seed: int) -> Example:
@@ -64,6 +72,20 @@ def make_example(seed: int) -> Example:
     return build_example(options, shape, seed)
 
 
+# ---------------------------------------------------------------------------------------
+# Properties and catalogue (refimpl.testing)
+
+
+def _sums_to_one(key: str, dims: tuple[int, ...]):
+    """The returned softmax map ``key`` sums to 1 over ``dims``."""
+
+    def check(module, inputs, options) -> tuple[bool, str]:
+        total = map_of(returned_maps(module, inputs)[1], key).sum(dims)
+        return close(total, torch.ones_like(total))
+
+    return check
+
+
 def _within_rows(values: torch.Tensor, columns: torch.Tensor) -> float:
     """How far the columns of ``values`` (N, k, hw) go outside the row-wise range of
     ``columns`` (N, k, n); 0 when every column is inside."""
@@ -71,58 +93,67 @@ def _within_rows(values: torch.Tensor, columns: torch.Tensor) -> float:
     return float(torch.maximum(low - values, values - high).clamp_min(0).max())
 
 
-def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """The block's properties, checked on one example."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    b_sum = maps["softmax_B"].sum((2, 3))
-    v_sum = maps["softmax_V"].sum(1)
-    found = [
-        Invariant(
-            "each gathering map sums to 1 over positions",
-            bool(torch.allclose(b_sum, torch.ones_like(b_sum), rtol=0, atol=1e-12)),
-            f"max abs(sum - 1) {(b_sum - 1).abs().max():.2e}",
-        ),
-        Invariant(
-            "each distribution vector sums to 1 over descriptors",
-            bool(torch.allclose(v_sum, torch.ones_like(v_sum), rtol=0, atol=1e-12)),
-            f"max abs(sum - 1) {(v_sum - 1).abs().max():.2e}",
-        ),
-    ]
-    # out - X = expand(Z) with z_i = G v_i a convex combination of G's columns, so it is
-    # a convex combination of the columns of W_e G + b_e: inside their row-wise range.
-    G = maps["G"]
+def _distributed_inside_gathered(module, inputs, options) -> tuple[bool, str]:
+    """Eq. (4)-(5): out - X = expand(Z), z_i = G v_i with v_i a distribution, so each z_i is
+    a convex combination of G's columns, and (an affine map keeps that) each column of
+    out - X one of the columns of W_e G + b_e: inside their row-wise range. Reading W_e
+    needs refimpl's module, unless there is no reconstruction convolution."""
+    x = inputs[0]
+    out, maps = returned_maps(module, inputs)
+    G = map_of(maps, "G")  # (N, m, n)
+    if isinstance(module, DoubleAttention):
+        expand, residual = module.expand, module.residual
+    elif not options.get("output_conv", True):
+        expand, residual = None, options.get("residual", True)
+    else:
+        raise SkipProperty("needs refimpl's DoubleAttention (the reconstruction weights)")
     columns = G
-    if module.expand is not None:
-        weight, bias = module.expand.weight[:, :, 0, 0], module.expand.bias
-        columns = weight @ G + (0 if bias is None else bias[:, None])
-    distributed = (out - x if module.residual else out).flatten(2)
-    excess = _within_rows(distributed, columns)
-    found.append(Invariant("z_i inside G's row-wise [min, max]", excess <= 1e-12, f"{excess:.2e}"))
-    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
-    x_perm = x.flatten(2)[:, :, perm].reshape(x.shape)
-    out_perm = out.flatten(2)[:, :, perm].reshape(out.shape)
-    err = (module(x_perm) - out_perm).abs().max().item()
-    found.append(Invariant("equivariant to position permutations", err <= 1e-12, f"{err:.2e}"))
-    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
-    found.append(Invariant("batch items independent", err <= 1e-12, f"{err:.2e}"))
-    if module.theta.bias is not None:
-        shifted = copy.deepcopy(module)
+    if expand is not None:
         with torch.no_grad():
-            shifted.theta.bias += torch.linspace(-3.0, 5.0, module.n, dtype=x.dtype)
-            shifted.rho.bias += 7.0  # one constant for every descriptor
-        err = (shifted(x) - out).abs().max().item()
-        found.append(Invariant("softmax logits shifted: no change", err <= 1e-10, f"{err:.2e}"))
-    return found
+            weight, bias = expand.weight[:, :, 0, 0], expand.bias
+            columns = weight @ G + (0 if bias is None else bias[:, None])
+    distributed = (out - x if residual else out).flatten(2)
+    excess = _within_rows(distributed, columns)
+    scale = max(columns.abs().max().item(), 1.0)
+    return excess <= 1e-12 * scale, f"largest excess {excess:.2e}"
 
 
-# ---------------------------------------------------------------------------------------
-# Properties and catalogue (refimpl.testing)
+def _logit_shift_invariant(module, inputs, options) -> tuple[bool, str]:
+    """Softmaxes do not see a constant added to their logits: the gathering softmax runs
+    over positions (so a bias per descriptor of B is a constant), the distribution softmax
+    over descriptors (so one bias for every descriptor of V is). Shifting refimpl's
+    theta and rho biases thus changes nothing."""
+    if not isinstance(module, DoubleAttention):
+        raise SkipProperty("needs refimpl's DoubleAttention (shifts its theta and rho biases)")
+    if module.theta.bias is None:
+        raise SkipProperty("the 1x1 convolutions have no biases (bias=False)")
+    shifted = copy.deepcopy(module)
+    with torch.no_grad():
+        shifted.theta.bias += torch.linspace(-3.0, 5.0, module.n, dtype=shifted.theta.bias.dtype)
+        shifted.rho.bias += 7.0  # one constant for every descriptor
+    return close(output(shifted, inputs), output(module, inputs), rtol=1e-10)
+
 
 PROPERTIES = (
     commutes_with_position_permutations(
         "commutes with position permutations (global gathering, point-wise distribution)"
     ),
+    property_(
+        "each gathering map sums to 1 over positions",
+        _sums_to_one("softmax_B", (2, 3)),
+        needs=("maps",),
+    ),
+    property_(
+        "each distribution vector sums to 1 over descriptors",
+        _sums_to_one("softmax_V", (1,)),
+        needs=("maps",),
+    ),
+    property_(
+        "z_i inside G's row-wise [min, max] (after the reconstruction)",
+        _distributed_inside_gathered,
+        needs=("maps",),
+    ),
+    property_("softmax logits shifted: no change", _logit_shift_invariant),
 )
 
 _AXES = {"batch": 0, "descriptors": 1, "positions": 2}
@@ -213,7 +244,6 @@ PAPER = Paper(
             module=DoubleAttention,
             numpy_forward=double_attention,
             make_example=make_example,
-            invariants=invariants,
             option_space=OPTION_SPACE,
             build_example=build_example,
             shape_space=SHAPE_SPACE,

@@ -1,4 +1,4 @@
-"""The AFF paper in the registry: its facts, its five components, random examples, invariants."""
+"""The AFF paper in the registry: its facts, its five components, random examples, properties."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from refimpl.feature_fusion.torch_module import AFF, IAFF, MSCAM, GlobalContext,
 from refimpl.registry import (
     Component,
     Example,
-    Invariant,
     Paper,
     SkipProperty,
     Variant,
@@ -27,9 +26,12 @@ from refimpl.testing.properties import (
     between_inputs,
     close,
     commutes_with_position_permutations,
+    map_in_range,
+    map_of,
     output,
     permute_positions,
     property_,
+    returned_maps,
     scales_input,
 )
 
@@ -87,7 +89,7 @@ def _build(cls: type[torch.nn.Module], n_inputs: int):
         module = randomize_(cls(shape[1], **options).double(), seed).eval()
         inputs = tuple(_well_spread_batch(shape, seed + 1 + i) for i in range(n_inputs))
         numpy_options = {k: v for k, v in options.items() if k in _NUMPY_OPTIONS}
-        return Example(module, inputs, numpy_options)
+        return Example(module, inputs, numpy_options, dict(options))
 
     build.__name__ = build.__qualname__ = f"build_{cls.__name__}_example"
     build.__doc__ = f"A {cls.__name__} with ``options`` for ``shape``, weights from ``seed``."
@@ -151,99 +153,6 @@ def make_iaff_example(seed: int) -> Example:
 
 
 # ---------------------------------------------------------------------------------------
-# Invariants
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def _permute_positions(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(t.shape[2] * t.shape[3]))
-    return t.flatten(2)[:, :, perm].reshape(t.shape)
-
-
-def _commutes(module, inputs, out) -> Invariant:
-    """Every branch is point-wise or pooled: permuting positions permutes the output."""
-    moved = module(*(_permute_positions(x) for x in inputs))
-    err = _max_err(moved, _permute_positions(out))
-    return Invariant("commutes with position permutations", err <= 1e-12, f"{err:.2e}")
-
-
-def local_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """L(X) is point-wise: it commutes with permutations of positions and of images."""
-    module, (x,) = example.module, example.inputs
-    found = [_commutes(module, (x,), out)]
-    flipped = module(x.flip(0))
-    err = _max_err(flipped, out.flip(0))
-    found.append(Invariant("images independent (eval)", err <= 1e-12, f"{err:.2e}"))
-    return found
-
-
-def global_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """g(X) depends on X only through its spatial mean."""
-    module, (x,) = example.module, example.inputs
-    flat = x.mean((2, 3), keepdim=True).expand_as(x)  # the same mean, no spatial structure
-    err = _max_err(module(flat), out)
-    found = [Invariant("g(X) = g(mean of X at every position)", err <= 1e-12, f"{err:.2e}")]
-    found.append(_commutes(module, (x,), out))
-    return found
-
-
-def mscam_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """The gate is in (0, 1); the global context is the same at every position."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    M, L, g = maps["M"], maps["L"], maps["g"]
-    inside = bool(((M >= 0) & (M <= 1)).all())  # (0, 1) but for floating-point saturation
-    found = [Invariant("M in [0, 1]", inside, f"M in [{M.min():.3g}, {M.max():.3g}]")]
-    shrink = bool((out.abs() <= x.abs()).all() and (out * x >= 0).all())
-    found.append(Invariant("|X'| <= |X|, same sign", shrink, ""))
-    # logit(M) - L(X) is g(X): one number per channel and image, whatever the position.
-    logit_minus_local = (torch.logit(M) - L).flatten(2)  # (N, C, HW)
-    spread = (logit_minus_local - g.flatten(2)).abs().max().item()
-    found.append(Invariant("logit(M) - L = g at every position", spread <= 1e-8, f"{spread:.2e}"))
-    found.append(_commutes(module, (x,), out))
-    return found
-
-
-def aff_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """AFF(X, X) = X; Z between X and Y; AFF(X, Y) + AFF(Y, X) = X + Y (times 2 if asked)."""
-    module, (x, y) = example.module, example.inputs
-    k = 2.0 if module.factor_two else 1.0
-    err = _max_err(module(x, x), k * x)
-    found = [Invariant("AFF(X, X) = X (2X with factor_two)", err <= 1e-12, f"{err:.2e}")]
-    found.append(_between(out / k, x, y))
-    err = _max_err(out + module(y, x), k * (x + y))
-    found.append(Invariant("AFF(X, Y) + AFF(Y, X) = X + Y", err <= 1e-12, f"{err:.2e}"))
-    found.append(_commutes(module, (x, y), out))
-    return found
-
-
-def iaff_invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """IAFF(X, X) = X; Z between X and Y; swapping X and Y with M -> 1 - M changes nothing."""
-    module, (x, y) = example.module, example.inputs
-    err = _max_err(module(x, x), x)
-    found = [Invariant("IAFF(X, X) = X", err <= 1e-12, f"{err:.2e}")]
-    found.append(_between(out, x, y))
-    swapped = copy.deepcopy(module)
-    state = convert_official_state_dict(module.state_dict(), swap_xy=True)  # M -> 1 - M
-    swapped.load_state_dict(state)
-    err = _max_err(swapped(y, x), out)
-    found.append(Invariant("IAFF'(Y, X) = IAFF(X, Y), M -> 1 - M", err <= 1e-12, f"{err:.2e}"))
-    found.append(_commutes(module, (x, y), out))
-    return found
-
-
-def _between(z: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Invariant:
-    """min(X, Y) <= Z <= max(X, Y) elementwise, up to rounding."""
-    slack = 1e-13 * (x.abs() + y.abs())
-    low, high = torch.minimum(x, y) - slack, torch.maximum(x, y) + slack
-    ok = bool(((z >= low) & (z <= high)).all())
-    return Invariant("Z between X and Y elementwise", ok, "")
-
-
-# ---------------------------------------------------------------------------------------
 # Properties and catalogue (refimpl.testing)
 
 
@@ -283,9 +192,25 @@ GLOBAL_PROPERTIES = (
     property_("g(X) = g(spatial mean of X at every position)", _only_the_mean),
     property_("unchanged by permuting positions", _ignores_positions),
 )
+
+
+def _global_context_everywhere(module, inputs, options) -> tuple[bool, str]:
+    """Eq. (3): M = sigmoid(L(X) + g(X)), g broadcast over positions: logit(M) - L is g at
+    every position. logit is steep near 0 and 1, so its rounding is ~1e-16 / (M (1 - M))."""
+    maps = returned_maps(module, inputs)[1]
+    M, L, g = (map_of(maps, k) for k in ("M", "L", "g"))
+    M = M.clamp(1e-300, 1 - 2**-53)  # logit finite where M rounded to 0 or 1
+    slack = (1e-12 / (M * (1 - M))).flatten(2)
+    spread = ((torch.logit(M) - L).flatten(2) - g.flatten(2)).abs()  # (N, C, HW)
+    ok = bool((spread <= slack + 1e-10 * (1 + L.abs().flatten(2))).all())
+    return ok, f"max |logit(M) - L - g| {spread.max().item():.2e}"
+
+
 MSCAM_PROPERTIES = (
     scales_input(0.0, 1.0, "X' = X * M, M in (0, 1): |X'| <= |X|, same sign"),
     commutes_with_position_permutations(),
+    map_in_range("M", 0.0, 1.0, "M in [0, 1]"),
+    property_("logit(M) - L = g at every position", _global_context_everywhere, ("maps",)),
 )
 AFF_PROPERTIES = (
     property_("AFF(X, X) = X (2X with factor_two)", _fuses_equal_inputs),
@@ -293,10 +218,25 @@ AFF_PROPERTIES = (
     property_("AFF(X, Y) + AFF(Y, X) = X + Y (M depends on X + Y only)", _symmetric_sum),
     commutes_with_position_permutations(),
 )
+
+
+def _swap_with_complement(module, inputs, options) -> tuple[bool, str]:
+    """iAFF'(Y, X) = iAFF(X, Y) where iAFF' has M -> 1 - M (the last MS-CAM's logits
+    negated by the official-weights converter with ``swap_xy=True``): X and Y enter
+    Eq. (4) symmetrically but for which one M weights. Needs refimpl's IAFF (its keys)."""
+    if not isinstance(module, IAFF):
+        raise SkipProperty("needs refimpl's IAFF (its state dict goes through the converter)")
+    x, y = inputs
+    swapped = copy.deepcopy(module)
+    swapped.load_state_dict(convert_official_state_dict(module.state_dict(), swap_xy=True))
+    return close(output(swapped, (y, x)), output(module, (x, y)))
+
+
 IAFF_PROPERTIES = (
     property_("iAFF(X, X) = X", _fuses_equal_inputs),
     between_inputs(),
     commutes_with_position_permutations(),
+    property_("iAFF'(Y, X) = iAFF(X, Y) with M -> 1 - M", _swap_with_complement),
 )
 
 _OPEN_AFF = "the official open-aff code"
@@ -373,7 +313,6 @@ PAPER = Paper(
             build_example=build_local_example,
             shape_space=SHAPE_SPACE,
             valid=_valid_for(LocalContext),
-            invariants=local_invariants,
             attention=False,
             tolerances=TOLERANCES,
         ),
@@ -388,7 +327,6 @@ PAPER = Paper(
             build_example=build_global_example,
             shape_space=SHAPE_SPACE,
             valid=_valid_for(GlobalContext),
-            invariants=global_invariants,
             attention=False,
             tolerances=TOLERANCES,
         ),
@@ -403,7 +341,6 @@ PAPER = Paper(
             build_example=build_mscam_example,
             shape_space=SHAPE_SPACE,
             valid=_valid_for(MSCAM),
-            invariants=mscam_invariants,
             aliases=("ms_cam",),
             tolerances=TOLERANCES,
         ),
@@ -419,7 +356,6 @@ PAPER = Paper(
             build_example=build_aff_example,
             shape_space=SHAPE_SPACE,
             valid=_valid_for(AFF),
-            invariants=aff_invariants,
             attention=False,
             n_inputs=2,
             tolerances=TOLERANCES,
@@ -436,7 +372,6 @@ PAPER = Paper(
             build_example=build_iaff_example,
             shape_space=SHAPE_SPACE,
             valid=_valid_for(IAFF),
-            invariants=iaff_invariants,
             attention=False,
             n_inputs=2,
             tolerances=TOLERANCES,

@@ -1,4 +1,4 @@
-"""The Residual Attention paper in the registry: its components, random examples, invariants.
+"""The Residual Attention paper in the registry: its components, random examples, properties.
 
 Every example has a batch of at least 2, so that batch norm in training mode has more than
 one value per channel at every level of the mask branch, even where it pools down to 1x1.
@@ -18,7 +18,6 @@ from refimpl._params import Params
 from refimpl.registry import (
     Component,
     Example,
-    Invariant,
     Paper,
     SkipProperty,
     Variant,
@@ -53,8 +52,10 @@ from refimpl.residual_attention.torch_module import (
 from refimpl.testing.properties import (
     close,
     commutes_with_position_permutations,
+    map_of,
     output,
     property_,
+    returned_maps,
 )
 
 # float32 against the float64 oracle, for the mask branch and the attention module. One
@@ -162,7 +163,7 @@ def _build(cls: type):
     def build(options: dict, shape: tuple[int, ...], seed: int) -> Example:
         module = randomize_(cls(shape[1], **options).double(), seed).eval()
         numpy_options = {k: v for k, v in options.items() if k in _NUMPY_OPTIONS}
-        return Example(module, (random_input(shape, seed + 1),), numpy_options)
+        return Example(module, (random_input(shape, seed + 1),), numpy_options, dict(options))
 
     build.__name__ = build.__qualname__ = f"build_{cls.__name__}_example"
     build.__doc__ = f"A {cls.__name__} with ``options`` for ``shape``, weights from ``seed``."
@@ -196,36 +197,7 @@ def example_attention_module(seed: int) -> Example:
 
 
 # ---------------------------------------------------------------------------------------
-# Invariants
-
-
-def _batch_independent(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> Invariant:
-    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
-    return Invariant("batch items independent (eval)", err <= 1e-12, f"{err:.2e}")
-
-
-def _mask_invariants(M: torch.Tensor, s: torch.Tensor | None, activation: str) -> list[Invariant]:
-    """What each activation guarantees of the mask M (and its logits s, when known)."""
-    if activation == "channel":
-        norm = M.norm(dim=1)  # (N, H, W)
-        zero = (s == 0).all(dim=1) if s is not None else torch.zeros_like(norm, dtype=torch.bool)
-        err = torch.where(zero, norm, (norm - 1).abs()).max().item()
-        return [Invariant("channel mask: unit L2 norm over channels", err <= 1e-12, f"{err:.2e}")]
-    inside = bool(((M >= 0) & (M <= 1)).all())
-    found = [
-        Invariant("mask in [0, 1], so 1 + M in [1, 2]", inside, f"[{M.min():.3g}, {M.max():.3g}]")
-    ]
-    if activation == "spatial" and s is not None:
-        moved = mask_activation(2.0 * s + 3.0, "spatial")
-        ratio = ((moved - M).abs() / spatial_shift_scale_bound(s, 2.0)).max().item()
-        found.append(
-            Invariant(
-                "spatial mask: unchanged by 2 s + 3 per channel, up to its epsilon",
-                ratio <= 1.0,
-                f"largest change / its bound: {ratio:.2e}",
-            )
-        )
-    return found
+# Properties and catalogue (refimpl.testing)
 
 
 def spatial_shift_scale_bound(s: torch.Tensor, a: float) -> torch.Tensor:
@@ -244,84 +216,129 @@ def spatial_shift_scale_bound(s: torch.Tensor, a: float) -> torch.Tensor:
     return torch.where(var > 0, bound, torch.inf)
 
 
-def invariants_residual_unit(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """Shape, the identity at zero residual, batch independence."""
-    module, (x,) = example.module, example.inputs
-    h, w = -(-x.shape[2] // module.stride), -(-x.shape[3] // module.stride)
-    shape_ok = tuple(out.shape) == (x.shape[0], module.out_channels, h, w)
-    found = [Invariant("output (N, C_out, ceil(H/s), ceil(W/s))", shape_ok, str(tuple(out.shape)))]
-    if module.shortcut is None:
-        zeroed = copy.deepcopy(module)
-        torch.nn.init.zeros_(zeroed.conv3.weight)
-        found.append(Invariant("F = 0 gives the identity", torch.equal(zeroed(x), x), ""))
-    found.append(_batch_independent(module, x, out))
-    return found
-
-
-def invariants_mask_head(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """The activation's guarantee; batch independence."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    return [
-        *_mask_invariants(out, maps["s"], module.activation),
-        _batch_independent(module, x, out),
-    ]
-
-
-def invariants_soft_mask_branch(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """The mask has the input's size at any input size; the activation's guarantee."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    found = [Invariant("mask of the input's shape", out.shape == x.shape, str(tuple(out.shape)))]
-    return [
-        *found,
-        *_mask_invariants(out, maps["s"], module.activation),
-        _batch_independent(module, x, out),
-    ]
-
-
-def invariants_attention_module(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """M = 0 gives H = T exactly; the bounds of H; the mask's guarantees; batch independence."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    T, M, H = maps["T"], maps["M"], maps["H"]
-    found = [Invariant("output of the input's shape", out.shape == x.shape, str(tuple(out.shape)))]
-    forced = copy.deepcopy(module)
-    forced.force_mask, forced.learning = 0.0, "arl"
-    out0, maps0 = forced(x, return_maps=True)
-    identity = torch.equal(maps0["H"], maps0["T"]) and torch.equal(out0, forced.post(maps0["T"]))
-    found.append(Invariant("M = 0 (ARL): H == T and out == post(T), exactly", identity, ""))
-    if module.force_mask is None:
-        _, mask_maps = module.mask(module.pre(x), return_maps=True)
-        found.extend(_mask_invariants(M, mask_maps["s"], module.mask.activation))
-        if module.learning == "arl" and module.mask.activation != "channel":
-            ok = bool(((T.abs() <= H.abs()) & (H.abs() <= 2 * T.abs())).all())
-            found.append(Invariant("ARL, M in [0, 1]: |T| <= |H| <= 2 |T|", ok, ""))
-        if module.learning == "nal" and module.mask.activation != "channel":
-            found.append(
-                Invariant("NAL, M in [0, 1]: |H| <= |T|", bool((H.abs() <= T.abs()).all()), "")
-            )
-    found.append(_batch_independent(module, x, out))
-    return found
-
-
 _PAPER = {"paper": "residual_attention"}
 _DEEP = {"paper": "residual_attention", "tolerances": DEEP_TOLERANCES}
 
 
-# ---------------------------------------------------------------------------------------
-# Properties and catalogue (refimpl.testing)
-
-
-def _mask_range(module, inputs, options) -> tuple[bool, str]:
+def _mask_guarantee(M: torch.Tensor, activation: str) -> tuple[bool, str]:
     """What each mask activation guarantees of M: f1 (mixed) in (0, 1); f2 (channel) a
     unit vector over the channels at every position; f3 (spatial) in (0, 1)."""
-    M = output(module, inputs)
-    if options.get("activation", "mixed") == "channel":
+    if activation == "channel":
         norms = M.pow(2).sum(1).sqrt()  # 0 where every logit is 0 (f2 is undefined there)
         return close(torch.where(norms > 1e-6, norms, 1.0), torch.ones_like(norms))
     ok = bool(((M >= 0) & (M <= 1)).all())
     return ok, f"M in [{M.min().item():.3g}, {M.max().item():.3g}]"
+
+
+def _mask_range(module, inputs, options) -> tuple[bool, str]:
+    """The mask activation's guarantee on the output M (mask head, mask branch)."""
+    return _mask_guarantee(output(module, inputs), options.get("activation", "mixed"))
+
+
+def _shift_scale_check(M: torch.Tensor, s: torch.Tensor) -> tuple[bool, str]:
+    moved = mask_activation(2.0 * s + 3.0, "spatial")
+    ratio = ((moved - M).abs() / spatial_shift_scale_bound(s, 2.0)).max().item()
+    return ratio <= 1.0, f"largest change / its bound: {ratio:.2e}"
+
+
+def _not_spatial(options: dict) -> None:
+    if options.get("activation", "mixed") != "spatial":
+        raise SkipProperty("holds for the spatial activation f3 only")
+
+
+def _spatial_shift_scale(module, inputs, options) -> tuple[bool, str]:
+    """f3 standardises each channel's logits s over positions: 2 s + 3 gives the same mask
+    (up to f3's epsilon, see ``spatial_shift_scale_bound``). M is the output, s a map."""
+    _not_spatial(options)
+    M, maps = returned_maps(module, inputs)
+    return _shift_scale_check(M, map_of(maps, "s"))
+
+
+def _module_spatial_shift_scale(module, inputs, options) -> tuple[bool, str]:
+    """As ``_spatial_shift_scale``, on the attention module's own mask (its logits s come
+    from refimpl's mask branch on the pre-processed input)."""
+    _not_spatial(options)
+    if options.get("force_mask") is not None:
+        raise SkipProperty("the mask is forced to a constant (force_mask)")
+    if not isinstance(module, AttentionModule):
+        raise SkipProperty("needs refimpl's AttentionModule (its mask branch's logits s)")
+    with torch.no_grad():
+        M, maps = module.mask(module.pre(inputs[0]), return_maps=True)
+    return _shift_scale_check(M, maps["s"])
+
+
+def _same_shape(module, inputs, options) -> tuple[bool, str]:
+    got, want = tuple(output(module, inputs).shape), tuple(inputs[0].shape)
+    return got == want, f"{got}" if got == want else f"got {got}, expected {want}"
+
+
+def _unit_shape(module, inputs, options) -> tuple[bool, str]:
+    """A unit of stride s maps (N, C, H, W) to (N, C_out, ceil(H/s), ceil(W/s))."""
+    n, c, h, w = inputs[0].shape
+    stride, c_out = options.get("stride", 1), options.get("out_channels") or c
+    want = (n, c_out, -(-h // stride), -(-w // stride))
+    got = tuple(output(module, inputs).shape)
+    return got == want, f"{got}" if got == want else f"got {got}, expected {want}"
+
+
+def _unit_identity(module, inputs, options) -> tuple[bool, str]:
+    """With the identity shortcut, a zero last convolution (F = 0) gives x + 0 = x,
+    exactly. Needs refimpl's ResidualUnit (its conv3)."""
+    if not isinstance(module, ResidualUnit):
+        raise SkipProperty("needs refimpl's ResidualUnit (zeroes its conv3)")
+    if module.shortcut is not None:
+        raise SkipProperty("a projection shortcut (stride or width changes)")
+    zeroed = copy.deepcopy(module)
+    torch.nn.init.zeros_(zeroed.conv3.weight)
+    x = inputs[0]
+    return bool(torch.equal(output(zeroed, inputs), x)), "exactly x"
+
+
+def _forced_zero_identity(module, inputs, options) -> tuple[bool, str]:
+    """Eq. (3) with M = 0 (ARL): H = (1 + 0) T = T and out = post(T), bit for bit. Needs
+    refimpl's AttentionModule (sets its force_mask and learning, calls its post)."""
+    if not isinstance(module, AttentionModule):
+        raise SkipProperty("needs refimpl's AttentionModule (force_mask, learning, post)")
+    forced = copy.deepcopy(module)
+    forced.force_mask, forced.learning = 0.0, "arl"
+    with torch.no_grad():
+        out0, maps0 = forced(inputs[0], return_maps=True)
+        identity = torch.equal(maps0["H"], maps0["T"]) and torch.equal(
+            out0, forced.post(maps0["T"])
+        )
+    return identity, "H == T, out == post(T)" if identity else "differ"
+
+
+def _module_mask(module, inputs, options) -> tuple[bool, str]:
+    """The mask M that the module returns has its activation's guarantee."""
+    if options.get("force_mask") is not None:
+        raise SkipProperty("the mask is forced to a constant (force_mask)")
+    M = map_of(returned_maps(module, inputs)[1], "M")
+    return _mask_guarantee(M, options.get("activation", "mixed"))
+
+
+def _trunk_bounds(learning: str):
+    """ARL: H = (1 + M) T with M in [0, 1], so |T| <= |H| <= 2 |T|; NAL: H = M T, so
+    |H| <= |T| (f1 and f3 masks, or a forced M in [0, 1])."""
+
+    def check(module, inputs, options) -> tuple[bool, str]:
+        if options.get("learning", "arl") != learning:
+            raise SkipProperty(f"holds for {learning.upper()} only")
+        forced = options.get("force_mask")
+        if forced is None and options.get("activation", "mixed") == "channel":
+            raise SkipProperty("the channel activation f2 is not in [0, 1]")
+        if forced is not None and not 0 <= forced <= 1:
+            raise SkipProperty(f"force_mask={forced} is outside [0, 1]")
+        maps = returned_maps(module, inputs)[1]
+        T, H = (map_of(maps, k).abs() for k in ("T", "H"))
+        slack = 1e-12 * T
+        if learning == "arl":
+            ok = bool(((T <= H + slack) & (H <= 2 * T + slack)).all())
+        else:
+            ok = bool((H <= T + slack).all())
+        return ok, ""
+
+    return check
 
 
 def _mask_branch_ignored(module, inputs, options) -> tuple[bool, str]:
@@ -348,17 +365,35 @@ def _mask_branch_ignored(module, inputs, options) -> tuple[bool, str]:
     return close(after, before, rtol=0.0)
 
 
-MASK_PROPERTIES = (
-    property_("M in (0, 1) (f1, f3) or unit channel vectors (f2)", _mask_range),
-    commutes_with_position_permutations("point-wise (eval): commutes with position permutations"),
+_MASK_RANGE = "M in (0, 1) (f1, f3) or unit channel vectors (f2)"
+_SHIFT_SCALE = "spatial mask (f3): unchanged by 2 s + 3 per channel, up to its epsilon"
+
+UNIT_PROPERTIES = (
+    property_("output (N, C_out, ceil(H/s), ceil(W/s))", _unit_shape),
+    property_("F = 0 gives the identity (identity shortcut)", _unit_identity),
 )
-BRANCH_PROPERTIES = (property_("M in (0, 1) (f1, f3) or unit channel vectors (f2)", _mask_range),)
+MASK_PROPERTIES = (
+    property_(_MASK_RANGE, _mask_range),
+    commutes_with_position_permutations("point-wise (eval): commutes with position permutations"),
+    property_(_SHIFT_SCALE, _spatial_shift_scale, needs=("maps",)),
+)
+BRANCH_PROPERTIES = (
+    property_("mask of the input's shape", _same_shape),
+    property_(_MASK_RANGE, _mask_range),
+    property_(_SHIFT_SCALE, _spatial_shift_scale, needs=("maps",)),
+)
 MODULE_PROPERTIES = (
+    property_("output of the input's shape", _same_shape),
     property_(
         "M = 0 gives H = T exactly (the mask branch's weights do not matter)",
         _mask_branch_ignored,
         needs=("mask_hook",),
     ),
+    property_("M = 0 (ARL): H == T and out == post(T), exactly", _forced_zero_identity),
+    property_(f"the returned {_MASK_RANGE}", _module_mask, needs=("maps",)),
+    property_(_SHIFT_SCALE, _module_spatial_shift_scale),
+    property_("ARL, M in [0, 1]: |T| <= |H| <= 2 |T|", _trunk_bounds("arl"), needs=("maps",)),
+    property_("NAL, M in [0, 1]: |H| <= |T|", _trunk_bounds("nal"), needs=("maps",)),
 )
 
 _ALIGN = Variant(
@@ -471,11 +506,11 @@ PAPER = Paper(
             module=ResidualUnit,
             numpy_forward=residual_unit,
             make_example=example_residual_unit,
+            properties=UNIT_PROPERTIES,
             option_space=UNIT_SPACE,
             build_example=build_residual_unit_example,
             shape_space=UNIT_SHAPES,
             valid=valid,
-            invariants=invariants_residual_unit,
             attention=False,
             **_PAPER,
         ),
@@ -490,7 +525,6 @@ PAPER = Paper(
             build_example=build_mask_head_example,
             shape_space=UNIT_SHAPES,
             valid=valid,
-            invariants=invariants_mask_head,
             attention=False,
             **_PAPER,
         ),
@@ -505,7 +539,6 @@ PAPER = Paper(
             build_example=build_soft_mask_branch_example,
             shape_space=SHAPE_SPACE,
             valid=valid,
-            invariants=invariants_soft_mask_branch,
             attention=False,
             **_DEEP,
         ),
@@ -520,7 +553,6 @@ PAPER = Paper(
             build_example=build_attention_module_example,
             shape_space=SHAPE_SPACE,
             valid=valid,
-            invariants=invariants_attention_module,
             aliases=("residual_attention",),
             **_DEEP,
         ),

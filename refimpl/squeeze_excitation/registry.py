@@ -1,14 +1,12 @@
-"""The SE paper in the registry: its facts, its one component, a random example, invariants."""
+"""The SE paper in the registry: its facts, its one component, a random example, properties."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from refimpl.registry import (
     Component,
     Example,
-    Invariant,
     Paper,
     Variant,
     draw_case,
@@ -20,6 +18,7 @@ from refimpl.squeeze_excitation.torch_module import GATES, POOLINGS, SqueezeExci
 from refimpl.testing.properties import (
     commutes_with_position_permutations,
     gate_factorises,
+    map_in_range,
     maps_explain_output,
     scales_input,
 )
@@ -40,7 +39,7 @@ def build_example(options: dict, shape: tuple[int, ...], seed: int) -> Example:
     module = SqueezeExcitation(shape[1], **options)
     randomize_(module.double(), seed).eval()
     numpy_options = {"pooling": options["pooling"], "gate": options["gate"]}
-    return Example(module, (random_input(shape, seed + 1),), numpy_options)
+    return Example(module, (random_input(shape, seed + 1),), numpy_options, dict(options))
 
 
 def make_example(seed: int) -> Example:
@@ -52,31 +51,6 @@ def make_example(seed: int) -> Example:
 def valid(options: dict, shape: tuple[int, ...], training: bool) -> bool:
     """Defined everywhere: no batch statistics."""
     return True
-
-
-def invariants(example: Example, out: torch.Tensor) -> list[Invariant]:
-    """The SE block's properties, checked on one example."""
-    module, (x,) = example.module, example.inputs
-    _, maps = module(x, return_maps=True)
-    s = maps["s"]
-    found = []
-    if module.gate == "sigmoid":
-        inside = bool(((s > 0) & (s < 1)).all())
-        found.append(Invariant("gate s in (0, 1)", inside, f"s in [{s.min():.3g}, {s.max():.3g}]"))
-        shrink = bool((out.abs() <= x.abs()).all() and (out * x >= 0).all())
-        found.append(Invariant("abs(out) <= abs(x), same sign", shrink, ""))
-    # out is s_c * x_c: where x is nonzero, out / x gives back s at every position.
-    ratio = torch.where(x != 0, out / x, s[:, :, None, None])
-    err = (ratio - s[:, :, None, None]).abs().max().item()
-    found.append(Invariant("out / x = s_c at every position", err <= 1e-12, f"max err {err:.2e}"))
-    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[2] * x.shape[3]))
-    x_perm = x.flatten(2)[:, :, perm].reshape(x.shape)
-    out_perm = out.flatten(2)[:, :, perm].reshape(x.shape)
-    err = (module(x_perm) - out_perm).abs().max().item()
-    found.append(Invariant("commutes with position permutations", err <= 1e-12, f"{err:.2e}"))
-    err = max((module(x[i : i + 1]) - out[i : i + 1]).abs().max().item() for i in range(len(x)))
-    found.append(Invariant("batch items independent", err <= 1e-12, f"{err:.2e}"))
-    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,6 +70,7 @@ def _not_sigmoid(options: dict) -> str | None:
 
 PROPERTIES = (
     scales_input(0.0, 1.0, "gate in (0, 1): |out| <= |x|, same sign", when=_not_sigmoid),
+    map_in_range("s", 0.0, 1.0, "gate s in (0, 1)", open_interval=True, when=_not_sigmoid),
     gate_factorises("channel", "out / x is one factor per channel (the same at every position)"),
     commutes_with_position_permutations(),
     maps_explain_output(
@@ -140,7 +115,6 @@ PAPER = Paper(
             module=SqueezeExcitation,
             numpy_forward=squeeze_excitation,
             make_example=make_example,
-            invariants=invariants,
             aliases=("se",),
             properties=PROPERTIES,
             variants=VARIANTS,

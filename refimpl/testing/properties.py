@@ -39,10 +39,14 @@ __all__ = [
     "commutes_with_position_permutations",
     "gate_factorises",
     "input_not_modified",
+    "map_in_range",
+    "map_of",
+    "map_unchanged_by_permuting",
     "maps_explain_output",
     "output",
     "permute_positions",
     "property_",
+    "returned_maps",
     "scales_input",
 ]
 
@@ -249,5 +253,78 @@ def maps_explain_output(
         except KeyError as err:
             raise SkipProperty(f"the maps have no {err.args[0]!r}") from None
         return close(out, expected)
+
+    return property_(name, check, needs=("maps",))
+
+
+# ---------------------------------------------------------------------------------------
+# Properties of the returned maps (need ``forward(..., return_maps=True)``)
+
+
+def returned_maps(
+    module: nn.Module, inputs: Inputs
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(out, maps)`` of ``module(*inputs, return_maps=True)`` without gradients; raises
+    :class:`SkipProperty` where the module does not return them."""
+    with torch.no_grad():
+        got = module(*inputs, return_maps=True)
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict)):
+        raise SkipProperty("forward(..., return_maps=True) did not return (out, maps)")
+    return got
+
+
+def map_of(maps: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """``maps[key]``, or :class:`SkipProperty` naming the missing map."""
+    if key not in maps:
+        raise SkipProperty(f"the maps have no {key!r} (they have {sorted(maps)})")
+    return maps[key]
+
+
+def map_in_range(
+    key: str,
+    low: float,
+    high: float,
+    name: str,
+    *,
+    open_interval: bool = False,
+    when: Callable[[dict], str | None] | None = None,
+) -> Property:
+    """Every value of the returned map ``key`` lies in [low, high] (in (low, high) with
+    ``open_interval``). ``when(options)`` returns a reason to skip."""
+
+    def check(module: nn.Module, inputs: Inputs, options: dict) -> tuple[bool, str]:
+        if when is not None and (reason := when(options)):
+            raise SkipProperty(reason)
+        m = map_of(returned_maps(module, inputs)[1], key)
+        if open_interval:
+            ok = bool(((m > low) & (m < high)).all())
+        else:
+            ok = bool(((m >= low) & (m <= high)).all())
+        return ok, f"{key} in [{m.min().item():.6g}, {m.max().item():.6g}]"
+
+    return property_(name, check, needs=("maps",))
+
+
+def map_unchanged_by_permuting(
+    key: str, axis: str, name: str, when: Callable[[dict], str | None] | None = None
+) -> Property:
+    """The returned map ``key`` is the same when the input's positions (``axis="positions"``)
+    or channels (``"channels"``) are permuted: it sees only what pools over that axis."""
+
+    def check(module: nn.Module, inputs: Inputs, options: dict) -> tuple[bool, str]:
+        if when is not None and (reason := when(options)):
+            raise SkipProperty(reason)
+        x = inputs[0]
+        if axis == "positions":
+            perm = _position_perm(x)
+            moved = [permute_positions(t, perm) for t in inputs]
+        else:
+            if x.shape[1] < 2:
+                raise SkipProperty("needs more than one channel")
+            perm = torch.from_numpy(np.random.default_rng(x.shape[1]).permutation(x.shape[1]))
+            moved = [t[:, perm.to(t.device)] for t in inputs]
+        before = map_of(returned_maps(module, inputs)[1], key)
+        after = map_of(returned_maps(module, moved)[1], key)
+        return close(after, before)
 
     return property_(name, check, needs=("maps",))
