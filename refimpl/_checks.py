@@ -67,3 +67,32 @@ def check_positive_int(value: Any, who: str, name: str) -> None:
     """Check that an integer option (channels, reduction, widths) is >= 1."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
+
+
+def hidden_width(
+    channels: Any,
+    reduction: Any,
+    hidden_channels: Any = None,
+    who: str = "hidden_width",
+    name: str = "hidden_channels",
+) -> int:
+    """The hidden width of a reduction bottleneck (SE, CBAM, BAM, MS-CAM, A^2's m and n):
+    ``hidden_channels`` if given, else ``max(1, channels // reduction)``, never 0 (the
+    official AFF and many ports compute ``channels // r``, 0 for C < r).
+
+    Args:
+        channels: C, the input width.
+        reduction: r, the reduction ratio.
+        hidden_channels: the width given directly, or None for C // r.
+        who: the caller, for the messages.
+        name: the width's name in the caller's signature (``"hidden_channels"``, ``"m"``).
+
+    Raises:
+        ValueError: ``channels``, ``reduction`` or the width is not a positive integer,
+            naming it and the value that came.
+    """
+    check_positive_int(channels, who, "channels")
+    check_positive_int(reduction, who, "reduction")
+    width = max(1, channels // reduction) if hidden_channels is None else hidden_channels
+    check_positive_int(width, who, name)
+    return int(width)

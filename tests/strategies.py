@@ -15,6 +15,8 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
+from refimpl._checks import hidden_width  # noqa: F401  (re-exported: one home for the rule)
+
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
 
@@ -94,11 +96,6 @@ def assert_close_report(
 # Registry-driven strategies: each paper declares its option space once
 # (``Component.option_space`` in ``refimpl/<paper>/registry.py``); its ``make_example``
 # and these strategies both draw from it, and build through ``Component.build_example``.
-
-
-def hidden_width(channels: int, reduction: int) -> int:
-    """The hidden width of every reduction MLP here: ``max(1, C // r)`` (never 0)."""
-    return max(1, channels // reduction)
 
 
 def options_for(component: Any) -> st.SearchStrategy[dict[str, Any]]:

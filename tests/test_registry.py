@@ -178,3 +178,30 @@ def test_examples_carry_their_constructor_options(comp):
         with torch.no_grad():
             got = tuple(rebuilt.double().eval()(*ex.inputs).shape)
             assert got == tuple(ex.module(*ex.inputs).shape), seed
+
+
+def test_hidden_width_is_the_floor_of_c_over_r_never_zero():
+    """The one home of the width rule (``refimpl._checks.hidden_width``, torch-free):
+    literals, and clear errors naming the argument and the value that came."""
+    from refimpl._checks import hidden_width
+
+    assert [hidden_width(c, r) for c, r in [(64, 16), (17, 4), (3, 16), (1, 1), (15, 16)]] == [
+        4,
+        4,
+        1,
+        1,
+        1,
+    ]
+    assert hidden_width(64, 16, 5) == 5  # given directly, C and r still checked
+    assert hidden_width(64, 16, 5, "DoubleAttention", "m") == 5
+    for args, word in [
+        ((0, 4), "channels"),
+        ((8, 0), "reduction"),
+        ((8, 2, 0), "hidden_channels"),
+        ((8.0, 2), "channels"),
+        ((True, 1), "channels"),
+    ]:
+        with pytest.raises(ValueError, match=f"X: {word} must be a positive integer, got"):
+            hidden_width(*args, who="X")
+    with pytest.raises(ValueError, match="DoubleAttention: m must be a positive integer, got 0"):
+        hidden_width(8, 2, 0, "DoubleAttention", "m")

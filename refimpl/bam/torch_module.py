@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_choice, check_positive_int
+from refimpl._checks import check_choice, check_positive_int, hidden_width
 from refimpl._torch_checks import autocast_enabled, check_torch_input, conv2d
 
 NORMS = ("output", "hidden")
@@ -79,7 +79,7 @@ def _hidden_width(channels: int, reduction: int, hidden_channels: int | None, wh
     check_positive_int(channels, who, "channels")
     check_positive_int(reduction, who, "reduction")
     if hidden_channels is None:
-        hidden_channels = max(1, channels // reduction)
+        hidden_channels = hidden_width(channels, reduction)
     check_positive_int(hidden_channels, who, "hidden_channels")
     return hidden_channels
 

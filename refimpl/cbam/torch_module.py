@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_choice, check_positive_int
+from refimpl._checks import check_choice, check_positive_int, hidden_width
 from refimpl._torch_checks import check_torch_input, conv2d
 from refimpl.cbam._options import (
     ARRANGEMENTS,
@@ -169,11 +169,7 @@ class ChannelAttention(nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         who = type(self).__name__
-        check_positive_int(channels, who, "channels")
-        check_positive_int(reduction, who, "reduction")
-        if hidden_channels is None:
-            hidden_channels = max(1, channels // reduction)
-        check_positive_int(hidden_channels, who, "hidden_channels")
+        hidden_channels = hidden_width(channels, reduction, hidden_channels, who)
         preset = check_variant(variant, who)
         self.channels = channels
         self.hidden_channels = hidden_channels

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_positive_int
+from refimpl._checks import hidden_width
 from refimpl._torch_checks import check_torch_input, conv2d
 
 DEFAULT_REDUCTION = 4
@@ -145,12 +145,8 @@ class DoubleAttention(nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         who = "DoubleAttention"
-        check_positive_int(channels, who, "channels")
-        check_positive_int(reduction, who, "reduction")
-        m = max(1, channels // reduction) if m is None else m
-        n = max(1, channels // reduction) if n is None else n
-        check_positive_int(m, who, "m")
-        check_positive_int(n, who, "n")
+        m = hidden_width(channels, reduction, m, who, "m")
+        n = hidden_width(channels, reduction, n, who, "n")
         if residual and not output_conv and m != channels:
             raise ValueError(
                 f"{who}: residual=True without output_conv adds Z (m channels) to X "

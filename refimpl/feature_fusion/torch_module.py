@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_positive_int, check_same_shape
+from refimpl._checks import check_positive_int, check_same_shape, hidden_width
 from refimpl._recompute import recompute as _recompute
 from refimpl._torch_checks import (
     check_matches_module,
@@ -206,7 +206,7 @@ class _ContextBranch(nn.Module):
         check_positive_int(channels, who, "channels")
         check_positive_int(reduction, who, "reduction")
         if hidden_channels is None:
-            hidden_channels = max(1, channels // reduction)
+            hidden_channels = hidden_width(channels, reduction)
         check_positive_int(hidden_channels, who, "hidden_channels")
         self.channels = channels
         self.hidden_channels = hidden_channels

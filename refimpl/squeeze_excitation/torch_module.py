@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._checks import check_choice, check_positive_int
+from refimpl._checks import check_choice, hidden_width
 from refimpl._torch_checks import check_torch_input
 
 POOLINGS = ("avg", "max")
@@ -68,11 +68,7 @@ class SqueezeExcitation(nn.Module):
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        check_positive_int(channels, "SqueezeExcitation", "channels")
-        check_positive_int(reduction, "SqueezeExcitation", "reduction")
-        if hidden_channels is None:
-            hidden_channels = max(1, channels // reduction)
-        check_positive_int(hidden_channels, "SqueezeExcitation", "hidden_channels")
+        hidden_channels = hidden_width(channels, reduction, hidden_channels, "SqueezeExcitation")
         check_choice(pooling, POOLINGS, "SqueezeExcitation", "pooling")
         check_choice(gate, GATES, "SqueezeExcitation", "gate")
         self.channels = channels
