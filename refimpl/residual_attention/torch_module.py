@@ -60,7 +60,17 @@ Speed: the modules are convolution-bound; the element-wise work is kept to the m
 fresh outputs, f1's sigmoid in place on the fresh logits, ``(1 + M) * T`` as one
 ``addcmul``); the input is never modified. On the CPU the mask branch and the attention
 module compute in channels_last whatever the input's layout (see
-``_channels_last_on_cpu``) and return the input's layout.
+``_channels_last_on_cpu``; with gradients on, only on maps of 14 x 14 and more) and return
+the input's layout.
+
+Memory (issue 13; bytes saved for backward in training per byte of x, parameters
+excluded, p=1, t=2, r=1, depth 2): 21.25 at 8x256x28x28 (22.9 at 2x512x7x7), one tensor
+less than the fixed-size port of ``popular.py`` (the same units). ``checkpoint_mask=True``
+recomputes the mask branch and H in backward: 13.0 (-39%: the four full-size residual
+units and T hold the rest); with ``checkpoint_trunk=True`` as well everything between the
+first and the last p units is recomputed: 7.0 (-67%). Both go through
+:class:`refimpl._recompute.Recompute` (batch norms called as modules, running statistics
+updated once per step, gradients equal to plain autograd's).
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int
+from refimpl._recompute import recompute
 from refimpl._torch_checks import call_conv, check_torch_input
 from refimpl.residual_attention._pooling import (
     MAX_POOL,
@@ -111,11 +122,19 @@ def _channels_last_on_cpu(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     and oneDNN's convolutions are at least as fast in channels_last. One copy in and one
     out make the attention module 1.3x (8x256x28x28) to 1.6x (32x64x56x56) faster forward,
     1.0x to 1.3x forward and backward, and leave 2x512x7x7 even (one thread, interleaved
-    medians). Other devices keep the input's format.
+    medians). Other devices keep the input's format. With gradients (or an input that
+    requires them) and maps under
+    14 x 14 the input's layout is kept: there the two copies (and their gradients' copies
+    in backward) cost more than the kernels gain (issue 13, 2x512x7x7 forward+backward:
+    0.95 against 1.01 times the fixed-size port's speed, one thread).
     """
-    if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
-        return x.contiguous(memory_format=torch.channels_last), True
-    return x, False
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+        return x, False
+    # x.requires_grad too: a checkpointed branch runs without gradients in forward and
+    # with them in backward, and must take the same layout both times.
+    if (torch.is_grad_enabled() or x.requires_grad) and x.shape[-2] * x.shape[-1] < 14 * 14:
+        return x, False
+    return x.contiguous(memory_format=torch.channels_last), True
 
 
 def _bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -444,6 +463,12 @@ class AttentionModule(nn.Module):
         pooling: the mask branch's max pooling, ``"paper"`` (3x3/2, padding 1) or
             ``"caffe"`` (3x3/2, no padding, ceil rounding: the official prototxt; needs
             H, W >= 2^depth). See :class:`SoftMaskBranch`.
+        checkpoint_mask: activation checkpointing of the mask branch and of H: with
+            gradients on, they save only their input (and T) for backward and run again
+            in backward (:class:`refimpl._recompute.Recompute`: the batch norms are called
+            as modules both times, their running statistics updated once per step).
+        checkpoint_trunk: the same for the trunk branch (with ``checkpoint_mask``, all
+            between the first and the last p units is recomputed).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
 
@@ -467,12 +492,16 @@ class AttentionModule(nn.Module):
         force_mask: float | None = None,
         align_corners: bool = True,
         pooling: str = "paper",
+        checkpoint_mask: bool = False,
+        checkpoint_trunk: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         who = "AttentionModule"
+        self.checkpoint_mask = bool(checkpoint_mask)
+        self.checkpoint_trunk = bool(checkpoint_trunk)
         check_positive_int(channels, who, "channels")
         _check_count(p, who, "p", 0)
         _check_count(t, who, "t", 0)
@@ -521,6 +550,8 @@ class AttentionModule(nn.Module):
             check_pooling_size(x.shape[-2:], self.mask.depth, self.mask.pooling, "AttentionModule")
         x, restore = _channels_last_on_cpu(x)
         x = self.pre(x)  # p units, shared by both branches
+        if self.force_mask is None and not return_maps and self._checkpointing(x):
+            return self._checkpointed(x, restore)
         T = self.trunk(x)  # trunk branch, t units
         if self.force_mask is None:
             M = self.mask(x)  # soft mask branch
@@ -536,3 +567,32 @@ class AttentionModule(nn.Module):
             return out
         M = torch.full_like(T, float(self.force_mask)) if M is None else M
         return out, {"T": T, "M": M, "H": H}
+
+    def _checkpointing(self, x: torch.Tensor) -> bool:
+        """Whether to recompute in backward: asked for, gradients on, something to
+        differentiate, not traced (``torch.compile``/``torch.export`` plan their own)."""
+        if not (self.checkpoint_mask or self.checkpoint_trunk) or not torch.is_grad_enabled():
+            return False
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _checkpointed(self, x: torch.Tensor, restore: bool) -> torch.Tensor:
+        """The forward with the checkpointed branches run again in backward."""
+        if self.checkpoint_trunk and self.checkpoint_mask:  # saves x only
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return self.combine(self.trunk(x), self.mask(x))  # Eq. (3) / Eq. (1)
+
+            H = recompute(run, (self.trunk, self.mask), x)
+        elif self.checkpoint_mask:  # saves x and T
+
+            def run(x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+                return self.combine(T, self.mask(x))  # Eq. (3) / Eq. (1)
+
+            H = recompute(run, (self.mask,), x, self.trunk(x))
+        else:  # the trunk alone: saves x (no units: T is x)
+            T = recompute(self.trunk, (self.trunk,), x) if self.t else x
+            H = self.combine(T, self.mask(x))
+        out = self.post(H)  # p units
+        return out.contiguous() if restore else out
