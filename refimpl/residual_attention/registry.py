@@ -25,7 +25,7 @@ from refimpl.registry import (
     random_input,
     randomize_,
 )
-from refimpl.residual_attention._pooling import MAX_POOL
+from refimpl.residual_attention._pooling import MAX_POOL, POOLINGS, min_size
 from refimpl.residual_attention.numpy_forward import (
     _group_spec,
     _mask_spec,
@@ -84,6 +84,7 @@ BRANCH_SPACE = {
     "skips": (0, 1, 2),  # < depth, see valid
     "activation": ACTIVATIONS,
     "align_corners": (True, False),
+    "pooling": POOLINGS,
 }
 #: None (the learned mask) in half the draws or more. A forced M = 0 under NAL makes
 #: H = 0, and the last units' batch norms then normalise constant channels, where
@@ -98,21 +99,25 @@ MODULE_SPACE = {
     "learning": LEARNINGS,
     "force_mask": (None, None, None, 0.0, 0.5, 1.0),
     "align_corners": (True, False),
+    "pooling": POOLINGS,
 }
 UNIT_SHAPES = {"N": (1, 3), "C": (1, 32), "H": (1, 17), "W": (1, 17)}
 SHAPE_SPACE = {"N": (1, 3), "C": (1, 16), "H": (1, 17), "W": (1, 17)}
 
 #: The options each NumPy forward takes (the structure is read from the weights).
-_NUMPY_OPTIONS = ("stride", "activation", "learning", "force_mask", "align_corners")
+_NUMPY_OPTIONS = ("stride", "activation", "learning", "force_mask", "align_corners", "pooling")
 
 
 def valid(options: dict, shape: tuple[int, ...], training: bool) -> bool:
     """Training needs N >= 2: batch norm then has more than one value per channel at
     every level, even where the mask branch has pooled down to 1x1. Skips < depth; a
-    forced M = 0 with the ARL only (above)."""
+    forced M = 0 with the ARL only (above); Caffe pooling (3x3/2, no padding) needs
+    H, W >= 2^depth (``_pooling.min_size``: a 1-pixel map has no Caffe window)."""
     if training and shape[0] < 2:
         return False
     if options.get("skips", 0) >= options.get("depth", 1):
+        return False
+    if "pooling" in options and min(shape[2:]) < min_size(options["pooling"], options["depth"]):
         return False
     return not (options.get("force_mask") == 0.0 and options.get("learning") == "nal")
 
