@@ -66,8 +66,9 @@ the popular code 6.5) and iAFF X, Y and X (+) Y (3.0; was 9.0, the popular code 
 price is the local context computed twice per training step.
 ``torch.compile``/``torch.export`` and eval mode take the plain graph. Against
 an eager transcription of the popular code (2 CPU threads): forward 1.8-3.1 times
-faster, forward and backward 1.2-1.7 times, at (8, 256, 28, 28), (32, 64, 56, 56) and
-(2, 512, 7, 7).
+faster at (8, 256, 28, 28), (32, 64, 56, 56) and (2, 512, 7, 7); forward and backward
+1.2-1.7 times faster with ``recompute=False``, about 0.6-0.7 times its speed (1 thread,
+under load) with the default recomputation: see ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
