@@ -205,3 +205,155 @@ def test_hidden_width_is_the_floor_of_c_over_r_never_zero():
             hidden_width(*args, who="X")
     with pytest.raises(ValueError, match="DoubleAttention: m must be a positive integer, got 0"):
         hidden_width(8, 2, 0, "DoubleAttention", "m")
+
+
+# ---------------------------------------------------------------------------------------
+# The properties ported from the old per-paper invariants catch what they state
+
+
+class _CorruptMaps(nn.Module):
+    """refimpl's module with one returned map changed by ``corrupt(map, inputs)``: the
+    output stays right, so only a property about that map can notice."""
+
+    def __init__(self, inner: nn.Module, key: str, corrupt) -> None:
+        super().__init__()
+        self.inner, self.key, self.corrupt = inner, key, corrupt
+
+    def forward(self, *inputs, return_maps: bool = False):
+        out, maps = self.inner(*inputs, return_maps=True)
+        if not return_maps:
+            return out
+        return out, {**maps, self.key: self.corrupt(maps[self.key], inputs)}
+
+
+CORRUPTIONS = [
+    ("se", {}, "s", lambda s, i: s + 1.0, "gate s in (0, 1)"),
+    ("channel_attention", {}, "M_c", lambda m, i: 2 * m, "M_c in (0, 1)"),
+    (
+        "channel_attention",
+        {},
+        "M_c",
+        lambda m, i: m + 1e-3 * i[0][:, :, :1, :1],
+        "M_c unchanged by permuting positions",
+    ),
+    (
+        "spatial_attention",
+        {},
+        "M_s",
+        lambda m, i: m + 1e-3 * i[0][:, :1],
+        "M_s unchanged by permuting channels",
+    ),
+    ("cbam", {}, "M_s", lambda m, i: m - 1.0, "M_s in (0, 1)"),
+    (
+        "bam",
+        {},
+        "M",
+        lambda m, i: 0.9 * m,
+        "M = sigmoid(M_c + M_s) (M_c * M_s with combine='product')",
+    ),
+    ("bam", {}, "M", lambda m, i: m + 1.0, "M in [0, 1]"),
+    (
+        "double_attention",
+        {},
+        "softmax_B",
+        lambda m, i: 1.1 * m,
+        "each gathering map sums to 1 over positions",
+    ),
+    (
+        "double_attention",
+        {},
+        "softmax_V",
+        lambda m, i: 1.1 * m,
+        "each distribution vector sums to 1 over descriptors",
+    ),
+    (
+        "double_attention",
+        {"output_conv": False, "residual": False},
+        "G",
+        lambda g, i: 0.5 * g,
+        "z_i inside G's row-wise [min, max] (after the reconstruction)",
+    ),
+    ("mscam", {}, "g", lambda g, i: g + 0.1, "logit(M) - L = g at every position"),
+    ("mscam", {}, "M", lambda m, i: m + 1.0, "M in [0, 1]"),
+    (
+        "mask_head",
+        {"activation": "spatial"},
+        "s",
+        lambda s, i: s * torch.linspace(1, 2, s.shape[-1], dtype=s.dtype),
+        "spatial mask (f3): unchanged by 2 s + 3 per channel, up to its epsilon",
+    ),
+    ("attention_module", {}, "H", lambda h, i: 3 * h, "ARL, M in [0, 1]: |T| <= |H| <= 2 |T|"),
+    (
+        "attention_module",
+        {"learning": "nal"},
+        "H",
+        lambda h, i: 2 * h,
+        "NAL, M in [0, 1]: |H| <= |T|",
+    ),
+    (
+        "attention_module",
+        {},
+        "M",
+        lambda m, i: m + 1.0,
+        "the returned M in (0, 1) (f1, f3) or unit channel vectors (f2)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name, options, key, corrupt, prop", CORRUPTIONS, ids=[f"{c[0]}-{c[4]}" for c in CORRUPTIONS]
+)
+def test_ported_property_fails_on_a_corrupted_map(name, options, key, corrupt, prop):
+    """Each property that replaced an old invariant fails when exactly what it states is
+    broken (a test that cannot fail is a defect), and passes on refimpl's own module."""
+    from refimpl.testing import check_invariants
+
+    comp = get(name)
+    channels = 6
+    inner = randomize_(comp.module(channels, **options).double(), 0).eval()
+    kwargs = {"options": options, "examples": 3, "channels": channels}
+    rows = {r.name: r for r in check_invariants(inner, name, **kwargs).rows}
+    assert rows[prop].status == "passed", rows[prop]
+    rows = {
+        r.name: r for r in check_invariants(_CorruptMaps(inner, key, corrupt), name, **kwargs).rows
+    }
+    assert rows[prop].status == "failed", rows[prop]
+
+
+REFIMPL_ONLY = [
+    ("residual_unit", {}, "F = 0 gives the identity (identity shortcut)"),
+    ("double_attention", {}, "softmax logits shifted: no change"),
+    ("iaff", {}, "iAFF'(Y, X) = iAFF(X, Y) with M -> 1 - M"),
+    ("attention_module", {}, "M = 0 (ARL): H == T and out == post(T), exactly"),
+    (
+        "attention_module",
+        {"activation": "spatial"},
+        "spatial mask (f3): unchanged by 2 s + 3 per channel, up to its epsilon",
+    ),
+]
+
+
+class _Wrapped(nn.Module):
+    """Another implementation (here: refimpl's, hidden behind a wrapper)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs, **kwargs):
+        return self.inner(*inputs, **kwargs)
+
+
+@pytest.mark.parametrize("name, options, prop", REFIMPL_ONLY, ids=[r[0] for r in REFIMPL_ONLY])
+def test_refimpl_only_properties_run_on_refimpl_and_skip_others_with_the_reason(
+    name, options, prop
+):
+    from refimpl.testing import check_invariants
+
+    comp = get(name)
+    inner = randomize_(comp.module(6, **options).double(), 0).eval()
+    kwargs = {"options": options, "examples": 3, "channels": 6}
+    rows = {r.name: r for r in check_invariants(inner, name, **kwargs).rows}
+    assert rows[prop].status == "passed", rows[prop]
+    rows = {r.name: r for r in check_invariants(_Wrapped(inner), name, **kwargs).rows}
+    assert rows[prop].status == "skipped" and "needs refimpl's" in rows[prop].detail, rows[prop]
