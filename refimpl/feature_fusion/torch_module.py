@@ -283,12 +283,15 @@ class LocalContext(_ContextBranch):
         """Training: from PWConv1's output ``h`` (N, C/r, H*W) (or 4-D) on, the rest of
         :meth:`logits`: B, delta, PWConv2, B, plus ``g``, the sigmoid if ``gate``; the
         batch norms called as modules. Output (N, C, H*W) (or 4-D)."""
-        h = _batch_norm(self.bn1, h, True).relu_()  # delta(B(.))
+        # Out of place on the batch norms' outputs: they are views (of the 4-D call), and
+        # an in-place op on a view makes autograd copy the whole base in backward.
+        h = torch.relu(_batch_norm(self.bn1, h, True))  # delta(B(.))
         out = _conv1x1(h, self.conv2.weight.flatten(1), self.conv2.bias)  # PWConv2
         out = _batch_norm(self.bn2, out, True)  # L(x)
         if g is not None:
-            out = out.add_(_per_channel(g, out.dim()))  # L(x) + g(x), g broadcast
-        return torch.sigmoid_(out) if gate else out
+            out = out + _per_channel(g, out.dim())  # L(x) + g(x), g broadcast
+            return torch.sigmoid_(out) if gate else out  # in place on the fresh sum
+        return torch.sigmoid(out) if gate else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """L(X), Eq. (2)."""
