@@ -750,3 +750,40 @@ def test_cbam_official_weights_refuse_the_paper_pooling_order():
     ours = CBAM(32, 4, variant="official").double().eval()
     cbam_convert.load_official_state_dict(ours, checkpoint)
     torch.testing.assert_close(ours(x), official(x), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# NaN and Inf stay in their image; persistence keeps the function
+
+
+@pytest.mark.parametrize("name", sorted(refimpl.components()))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_input_stays_in_its_image_in_eval(name, value):
+    """A NaN or Inf in one image (eval mode) leaves every other image's output unchanged."""
+    ex = refimpl.get(name).make_example(1)
+    module = ex.module.eval()
+    inputs = tuple(torch.cat([x, x.flip(0) + 0.1]) for x in ex.inputs)  # at least 2 images
+    with torch.no_grad():
+        ref = module(*inputs)
+        poisoned = [x.clone() for x in inputs]
+        poisoned[0][0, 0, 0, 0] = value
+        out = module(*poisoned)
+    torch.testing.assert_close(out[1:], ref[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(refimpl.components()))
+def test_save_load_pickle_and_state_dict_keep_the_function(name, tmp_path):
+    import pickle
+
+    ex = refimpl.get(name).make_example(2)
+    module = ex.module.eval()
+    with torch.no_grad():
+        ref = module(*ex.inputs)
+    torch.save(module, tmp_path / "m.pt")
+    copies = [torch.load(tmp_path / "m.pt", weights_only=False), pickle.loads(pickle.dumps(module))]
+    channels = ex.inputs[0].shape[1]
+    fresh = refimpl.get(name).module(channels, **ex.module_options).double().eval()
+    fresh.load_state_dict(module.state_dict())
+    for other in [*copies, fresh]:
+        with torch.no_grad():
+            torch.testing.assert_close(other(*ex.inputs), ref, rtol=0, atol=0)
