@@ -67,7 +67,7 @@ price is the local context computed twice per training step.
 ``torch.compile``/``torch.export`` and eval mode take the plain graph. Against
 an eager transcription of the popular code (2 CPU threads): forward 1.8-3.1 times
 faster at (8, 256, 28, 28), (32, 64, 56, 56) and (2, 512, 7, 7); forward and backward
-1.2-1.7 times faster with ``recompute=False``, about 0.6-0.7 times its speed (1 thread,
+1.2-1.7 times faster with ``recompute=False``, 0.6-0.8 times its speed (1 thread,
 under load) with the default recomputation: see ``benchmarks/RESULTS.md``.
 """
 
