@@ -56,8 +56,10 @@ TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (1e-4, 1e-4)}
 #: The constructor options of each component and the values tests and examples draw from.
 #: C from 1 upward with r up to 16, so C < r (hidden width 1) comes up often.
 CONTEXT_SPACE = {"reduction": (1, 2, 4, 16), "bias": (True, False)}
-AFF_SPACE = {**CONTEXT_SPACE, "factor_two": (False, True)}
-IAFF_SPACE = {**CONTEXT_SPACE, "share_global": (False, True)}
+#: MS-CAM, AFF and iAFF: the lean training path (recompute in backward) and the plain one.
+MSCAM_SPACE = {**CONTEXT_SPACE, "recompute": (True, False)}
+AFF_SPACE = {**MSCAM_SPACE, "factor_two": (False, True)}
+IAFF_SPACE = {**MSCAM_SPACE, "share_global": (False, True)}
 SHAPE_SPACE = {"N": (1, 3), "C": (1, 32), "H": (1, 17), "W": (1, 17)}
 EXAMPLE_SHAPES = {"N": (1, 4), "C": (1, 40), "H": (1, 9), "W": (1, 9)}
 #: The options each NumPy forward takes (the widths are in the weights).
@@ -337,7 +339,7 @@ PAPER = Paper(
             module=MSCAM,
             numpy_forward=mscam,
             make_example=make_mscam_example,
-            option_space=CONTEXT_SPACE,
+            option_space=MSCAM_SPACE,
             build_example=build_mscam_example,
             shape_space=SHAPE_SPACE,
             valid=_valid_for(MSCAM),

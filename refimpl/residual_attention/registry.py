@@ -100,6 +100,8 @@ MODULE_SPACE = {
     "force_mask": (None, None, None, 0.0, 0.5, 1.0),
     "align_corners": (True, False),
     "pooling": POOLINGS,
+    "checkpoint_mask": (False, True),  # recompute the mask branch in backward
+    "checkpoint_trunk": (False, True),  # and the trunk
 }
 UNIT_SHAPES = {"N": (1, 3), "C": (1, 32), "H": (1, 17), "W": (1, 17)}
 SHAPE_SPACE = {"N": (1, 3), "C": (1, 16), "H": (1, 17), "W": (1, 17)}
