@@ -420,3 +420,20 @@ def test_torchvision_squeeze_excitation_passes():
     module = ops.SqueezeExcitation(64, 4)
     compare(module, "se").assert_ok()
     check_invariants(module, "se", examples=6).assert_ok()
+
+
+def test_fixed_factor_upsampling_is_named():
+    """A mask branch that upsamples by a fixed factor 2 fails on odd sizes and equals the
+    paper's where sizes halve evenly: the search compares it on such an input."""
+    from refimpl.residual_attention import SoftMaskBranch
+
+    class FixedFactorBranch(SoftMaskBranch):
+        def _upsample(self, h, like):
+            return torch.nn.functional.interpolate(
+                h, scale_factor=2, mode="bilinear", align_corners=self.align_corners
+            )
+
+    report = compare(FixedFactorBranch(4), "soft_mask_branch", channels=4, max_combined=1)
+    assert report.matches == ["fixed_factor_upsampling"], str(report)
+    # refimpl's own branch runs at odd sizes too: it is not that variant.
+    compare(SoftMaskBranch(4), "soft_mask_branch", channels=4).assert_ok()

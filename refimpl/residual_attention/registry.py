@@ -7,7 +7,7 @@ one value per channel at every level of the mask branch, even where it pools dow
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -403,6 +403,26 @@ MODULE_PROPERTIES = (
     property_("NAL, M in [0, 1]: |H| <= |T|", _trunk_bounds("nal"), needs=("maps",)),
 )
 
+
+def _fixed_factor(forward: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """``forward`` where upsampling by a fixed factor 2 lands on the bottom-up sizes (every
+    level's size even before its pooling); not defined elsewhere (such code fails there)."""
+
+    def fixed(x: np.ndarray, params: Mapping[str, Any], **options: Any) -> np.ndarray:
+        p = Params.of(params, "fixed-factor upsampling")
+        depth = _mask_structure(p.sub("mask") if p.has_any(("mask.head.conv1.weight",)) else p)[
+            "depth"
+        ]
+        for size in np.shape(x)[2:]:
+            for _ in range(depth):
+                if size % 2:
+                    raise ValueError(f"upsampling by 2 does not return to size {size}")
+                size //= 2
+        return forward(x, params, **options)
+
+    return fixed
+
+
 _ALIGN = Variant(
     "align_corners_false",
     "bilinear upsampling with align_corners=False (F.interpolate's default)",
@@ -476,8 +496,25 @@ _ACTIVATIONS = (
     ),
 )
 MASK_VARIANTS = _ACTIVATIONS
-BRANCH_VARIANTS = (_ALIGN, _CAFFE, *_ACTIVATIONS)
+_FIXED = "Keras and PyTorch ports that upsample with UpSampling2D / scale_factor=2"
+BRANCH_VARIANTS = (
+    _ALIGN,
+    _CAFFE,
+    *_ACTIVATIONS,
+    Variant(
+        "fixed_factor_upsampling",
+        "bilinear upsampling by a fixed factor 2: right only where every size halves evenly",
+        _FIXED,
+        numpy_forward=_fixed_factor(soft_mask_branch),
+    ),
+)
 MODULE_VARIANTS = (
+    Variant(
+        "fixed_factor_upsampling",
+        "bilinear upsampling by a fixed factor 2: right only where every size halves evenly",
+        _FIXED,
+        numpy_forward=_fixed_factor(attention_module),
+    ),
     *_ACTIVATIONS,
     Variant(
         "skip_adds_feature",
