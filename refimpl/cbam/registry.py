@@ -201,6 +201,33 @@ _MAX_ONLY = Variant(
 )
 CHANNEL_VARIANTS = (_MLP_BIAS, _AVG_ONLY, _MAX_ONLY)
 _CONV_BIAS = "popular re-implementations (nn.Conv2d's default bias=True)"
+
+
+def _spatial_variants(prefix: str) -> tuple[Variant, ...]:
+    """The spatial gate's variants; its options are named ``pooling``, ``bn``, ``bias`` on
+    :class:`SpatialAttention` and ``spatial_pooling``, ... on :class:`CBAM` (``prefix``)."""
+    return (
+        Variant(
+            "spatial_max_avg",
+            "spatial pooling stacked [max, avg] (the convolution's two inputs swapped)",
+            f"{_OFFICIAL} (ChannelPool)",
+            {f"{prefix}pooling": ("max", "avg")},
+        ),
+        Variant(
+            "spatial_bn",
+            "a batch norm after the spatial convolution",
+            "timm's CbamModule; the official code",
+            {f"{prefix}bn": True},
+        ),
+        Variant(
+            "spatial_bias",
+            "the spatial convolution with a bias",
+            _CONV_BIAS,
+            {f"{prefix}bias": True},
+        ),
+    )
+
+
 SPATIAL_VARIANTS = (
     Variant(
         "official",
@@ -208,19 +235,7 @@ SPATIAL_VARIANTS = (
         _OFFICIAL,
         {"variant": "official"},
     ),
-    Variant(
-        "spatial_max_avg",
-        "spatial pooling stacked [max, avg] (the convolution's two inputs swapped)",
-        f"{_OFFICIAL} (ChannelPool)",
-        {"pooling": ("max", "avg")},
-    ),
-    Variant(
-        "spatial_bn",
-        "a batch norm after the spatial convolution",
-        "timm's CbamModule; the official code",
-        {"bn": True},
-    ),
-    Variant("spatial_bias", "the spatial convolution with a bias", _CONV_BIAS, {"bias": True}),
+    *_spatial_variants(""),
 )
 VARIANTS = (
     Variant(
@@ -229,21 +244,7 @@ VARIANTS = (
         _OFFICIAL,
         {"variant": "official"},
     ),
-    Variant(
-        "spatial_max_avg",
-        "spatial pooling stacked [max, avg] (the convolution's two inputs swapped)",
-        f"{_OFFICIAL} (ChannelPool)",
-        {"spatial_pooling": ("max", "avg")},
-    ),
-    Variant(
-        "spatial_bn",
-        "a batch norm after the spatial convolution",
-        "timm's CbamModule; the official code",
-        {"spatial_bn": True},
-    ),
-    Variant(
-        "spatial_bias", "the spatial convolution with a bias", _CONV_BIAS, {"spatial_bias": True}
-    ),
+    *_spatial_variants("spatial_"),
     _MLP_BIAS,
     _AVG_ONLY,
     _MAX_ONLY,
