@@ -100,15 +100,22 @@ def _reference(comp: Component, channels: int, options: Mapping[str, Any]) -> nn
         raise ValueError(f"{comp.module.__name__}({channels}, **{dict(options)}): {err}") from err
 
 
-def _defined(ref: nn.Module, inputs: Sequence[torch.Tensor], training: bool) -> str | None:
-    """None if refimpl's module computes on ``inputs`` in this mode, else why not."""
+def _run_reference(
+    ref: nn.Module, inputs: Sequence[torch.Tensor], training: bool
+) -> tuple[torch.Tensor | None, str | None]:
+    """refimpl's module on ``inputs`` in this mode: (output, None), or (None, why it is
+    not defined there)."""
     ref = copy.deepcopy(ref).train(training)
     try:
         with torch.no_grad():
-            ref(*inputs)
+            return _first(ref(*inputs)), None
     except (ValueError, RuntimeError) as err:
-        return str(err).splitlines()[0]
-    return None
+        return None, str(err).splitlines()[0]
+
+
+def _defined(ref: nn.Module, inputs: Sequence[torch.Tensor], training: bool) -> str | None:
+    """None if refimpl's module computes on ``inputs`` in this mode, else why not."""
+    return _run_reference(ref, inputs, training)[1]
 
 
 def _needs_missing(module: nn.Module, needs: Sequence[str]) -> str | None:
@@ -735,10 +742,10 @@ def _variant_matches(comp, module, oracle, ref, channels, dtype, rtol, atol) -> 
     input size), the input is passed over."""
     tried = 0
     for _shape, _modes, inputs in _case_inputs(comp, channels, 1000, SEARCH_CASES):
-        if _defined(ref, inputs, False) is not None:
+        ref_out, why = _run_reference(ref, inputs, False)
+        if why is not None:
             continue
-        with torch.no_grad():
-            want = tuple(_first(copy.deepcopy(ref).eval()(*inputs)).shape)
+        want = tuple(ref_out.shape)
         np_inputs = [x.to(dtype).double().numpy() for x in inputs]
         try:
             expected = oracle(np_inputs, False)
