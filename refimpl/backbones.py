@@ -215,7 +215,55 @@ class Downsample(nn.Module):
         return self.bn(call_conv(self.conv, x))  # see Bottleneck.forward
 
 
-class Bottleneck(nn.Module):
+class _Block(nn.Module):
+    """What :class:`Bottleneck` and :class:`BasicBlock` share: the checks of their
+    arguments, the hooks around the residual branch (attention, projection shortcut,
+    fusion), their reset, and the end of the block."""
+
+    def _check(self, who: str, in_channels: int, width: int, stride: int, layout: str) -> None:
+        check_positive_int(in_channels, who, "in_channels")
+        check_positive_int(width, who, "width")
+        check_positive_int(stride, who, "stride")
+        check_choice(layout, LAYOUTS, who, "layout")
+        self.in_channels, self.width, self.stride, self.layout = in_channels, width, stride, layout
+
+    def _add_hooks(
+        self,
+        who: str,
+        out_channels: int,
+        attention: ModuleSpec,
+        attention_options: Mapping[str, Any] | None,
+        fusion: ModuleSpec,
+        fusion_options: Mapping[str, Any] | None,
+        fk: Mapping[str, Any],
+    ) -> None:
+        """``relu``, ``attention``, ``downsample`` and ``fusion``, in that order (the order
+        of the state dict)."""
+        self.relu = nn.ReLU()  # not in place: a fusion may return its input X unchanged
+        make_attention = _attention_factory(attention, attention_options, who)
+        make_fusion = _fusion_factory(fusion, fusion_options, who)
+        self.attention = _build(make_attention, out_channels, fk)
+        self.downsample = None
+        if self.stride != 1 or self.in_channels != out_channels:
+            self.downsample = Downsample(self.in_channels, out_channels, self.stride, **fk)
+        self.fusion = _build(make_fusion, out_channels, fk)
+
+    def _reset_hooks(self) -> None:
+        """The shortcut's, attention's and fusion's own ``reset_parameters``."""
+        for module in (self.downsample, self.attention, self.fusion):
+            if module is not None and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def _join(self, identity: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``relu(identity + attention(residual))``, or the fusion instead of the sum."""
+        if self.attention is not None:
+            residual = self.attention(residual)
+        if self.fusion is None:
+            return self.relu(identity + residual)
+        return self.relu(self.fusion(identity, residual))  # X = identity, Y = residual
+
+
+class Bottleneck(_Block):
     r"""A bottleneck block: 1x1 (C -> w), 3x3 (w -> w), 1x1 (w -> 4w), with the two hooks.
 
     ``out = relu(identity + attention(residual))``, or with ``fusion``
@@ -256,12 +304,8 @@ class Bottleneck(nn.Module):
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        check_positive_int(in_channels, "Bottleneck", "in_channels")
-        check_positive_int(width, "Bottleneck", "width")
-        check_positive_int(stride, "Bottleneck", "stride")
-        check_choice(layout, LAYOUTS, "Bottleneck", "layout")
+        self._check("Bottleneck", in_channels, width, stride, layout)
         out_channels = EXPANSION * width
-        self.in_channels, self.width, self.stride, self.layout = in_channels, width, stride, layout
         stride1, stride2 = (stride, 1) if layout == "v1" else (1, stride)
         self.conv1 = nn.Conv2d(in_channels, width, 1, stride=stride1, bias=False, **fk)
         self.bn1 = nn.BatchNorm2d(width, **fk)
@@ -269,14 +313,9 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width, **fk)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False, **fk)
         self.bn3 = nn.BatchNorm2d(out_channels, **fk)
-        self.relu = nn.ReLU()  # not in place: a fusion may return its input X unchanged
-        make_attention = _attention_factory(attention, attention_options, "Bottleneck")
-        make_fusion = _fusion_factory(fusion, fusion_options, "Bottleneck")
-        self.attention = _build(make_attention, out_channels, fk)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = Downsample(in_channels, out_channels, stride, **fk)
-        self.fusion = _build(make_fusion, out_channels, fk)
+        self._add_hooks(
+            "Bottleneck", out_channels, attention, attention_options, fusion, fusion_options, fk
+        )
         self.reset_parameters()
 
     expansion = EXPANSION
@@ -295,9 +334,7 @@ class Bottleneck(nn.Module):
             _reset_conv(conv)
         for bn in (self.bn1, self.bn2, self.bn3):
             _reset_bn(bn)
-        for module in (self.downsample, self.attention, self.fusion):
-            if module is not None and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        self._reset_hooks()
 
     def extra_repr(self) -> str:
         return (
@@ -311,14 +348,10 @@ class Bottleneck(nn.Module):
         residual = self.relu(self.bn1(call_conv(self.conv1, x)))
         residual = self.relu(self.bn2(call_conv(self.conv2, residual)))
         residual = self.bn3(call_conv(self.conv3, residual))  # (N, 4w, H', W')
-        if self.attention is not None:
-            residual = self.attention(residual)
-        if self.fusion is None:
-            return self.relu(identity + residual)
-        return self.relu(self.fusion(identity, residual))  # X = identity, Y = residual
+        return self._join(identity, residual)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Block):
     r"""A basic block: two 3x3 convolutions (C -> w -> w), with the two hooks.
 
     ``out = relu(identity + attention(residual))``, or with ``fusion``
@@ -363,23 +396,14 @@ class BasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        check_positive_int(in_channels, "BasicBlock", "in_channels")
-        check_positive_int(width, "BasicBlock", "width")
-        check_positive_int(stride, "BasicBlock", "stride")
-        check_choice(layout, LAYOUTS, "BasicBlock", "layout")
-        self.in_channels, self.width, self.stride, self.layout = in_channels, width, stride, layout
+        self._check("BasicBlock", in_channels, width, stride, layout)
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False, **fk)
         self.bn1 = nn.BatchNorm2d(width, **fk)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False, **fk)
         self.bn2 = nn.BatchNorm2d(width, **fk)
-        self.relu = nn.ReLU()  # not in place: a fusion may return its input X unchanged
-        make_attention = _attention_factory(attention, attention_options, "BasicBlock")
-        make_fusion = _fusion_factory(fusion, fusion_options, "BasicBlock")
-        self.attention = _build(make_attention, width, fk)
-        self.downsample = None
-        if stride != 1 or in_channels != width:
-            self.downsample = Downsample(in_channels, width, stride, **fk)
-        self.fusion = _build(make_fusion, width, fk)
+        self._add_hooks(
+            "BasicBlock", width, attention, attention_options, fusion, fusion_options, fk
+        )
         self.reset_parameters()
 
     @property
@@ -396,9 +420,7 @@ class BasicBlock(nn.Module):
             _reset_conv(conv)
         for bn in (self.bn1, self.bn2):
             _reset_bn(bn)
-        for module in (self.downsample, self.attention, self.fusion):
-            if module is not None and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        self._reset_hooks()
 
     def extra_repr(self) -> str:
         return (
@@ -410,11 +432,7 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)  # (N, w, H', W')
         residual = self.relu(self.bn1(call_conv(self.conv1, x)))  # see Bottleneck.forward
         residual = self.bn2(call_conv(self.conv2, residual))  # (N, w, H', W')
-        if self.attention is not None:
-            residual = self.attention(residual)
-        if self.fusion is None:
-            return self.relu(identity + residual)
-        return self.relu(self.fusion(identity, residual))  # X = identity, Y = residual
+        return self._join(identity, residual)
 
 
 class ResNet(nn.Module):
