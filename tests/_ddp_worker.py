@@ -19,6 +19,7 @@ ones.
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 
@@ -165,3 +166,8 @@ def main(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    # Results are saved; leave before gloo's threads can abort the process in their C++
+    # destructors at interpreter exit (see examples/train_ddp.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
