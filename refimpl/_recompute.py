@@ -35,53 +35,81 @@ class Recompute(torch.autograd.Function):
     def forward(ctx, run, modules, n_inputs, *tensors):  # noqa: ANN001, ANN205
         ctx.run, ctx.modules = run, modules
         ctx.params = tensors[n_inputs:]  # the modules' own parameters: used, not saved
-        device_type = tensors[0].device.type
-        ctx.device_type = device_type
-        ctx.autocast = torch.is_autocast_enabled(device_type)
-        ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
+        save_autocast(ctx, tensors[0].device.type)
         ctx.save_for_backward(*tensors[:n_inputs])
         return run(*tensors[:n_inputs])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        inputs = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()
-        if not create_graph:  # a graph of its own, not hung on the forward's
-            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
-        everything = (*inputs, *ctx.params)
-        wanted = [i for i, t in enumerate(everything) if ctx.needs_input_grad[3 + i]]
-        # The second run updates copies of the running statistics, thrown away after it:
-        # the layers keep their own buffers (swapped, not written: the batch norms' graph
-        # may hold them), so one training step updates them once.
-        kept = [
-            (m, name, b)
-            for top in ctx.modules
-            for m in top.modules()
-            for name, b in m._buffers.items()
-            if b is not None
-        ]
-        for m, name, b in kept:
-            m._buffers[name] = b.clone()
-        try:
-            with (
-                torch.enable_grad(),
-                torch.autocast(ctx.device_type, ctx.autocast_dtype, enabled=ctx.autocast),
-            ):
-                out = ctx.run(*inputs)
-        finally:
-            for m, name, b in kept:
-                m._buffers[name] = b
-        grads = torch.autograd.grad(
-            out,
-            [everything[i] for i in wanted],
-            grad,
-            create_graph=create_graph,
-            allow_unused=True,
+        grads = rerun_and_grad(ctx, ctx.run, ctx.modules, ctx.saved_tensors, ctx.params, 3, grad)
+        return (None, None, None, *grads)
+
+
+def rerun_and_grad(
+    ctx,  # noqa: ANN001
+    run: Callable[..., torch.Tensor],
+    modules: tuple[nn.Module, ...],
+    inputs: tuple[torch.Tensor | None, ...],
+    params: tuple[torch.Tensor | None, ...],
+    skip: int,
+    grad: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """The backward of :class:`Recompute`: ``run(*inputs)`` again with the graph on, and
+    the gradients of ``(*inputs, *params)`` wanted by ``ctx.needs_input_grad`` (whose
+    first ``skip`` entries are the Function's non-tensor arguments).
+
+    Also the double-backward path of Functions with a hand-written backward
+    (:mod:`refimpl.feature_fusion._lean`); ``ctx`` carries the forward's autocast state
+    (:func:`save_autocast`). ``None`` entries (absent biases) get ``None``.
+    """
+    create_graph = torch.is_grad_enabled()
+    if not create_graph:  # a graph of its own, not hung on the forward's
+        inputs = tuple(
+            None if t is None else t.detach().requires_grad_(t.requires_grad) for t in inputs
         )
-        result: list[torch.Tensor | None] = [None] * len(everything)
-        for i, g in zip(wanted, grads, strict=True):
-            result[i] = g
-        return (None, None, None, *result)
+    everything = (*inputs, *params)
+    wanted = [
+        i for i, t in enumerate(everything) if t is not None and ctx.needs_input_grad[skip + i]
+    ]
+    # The second run updates copies of the running statistics, thrown away after it:
+    # the layers keep their own buffers (swapped, not written: the batch norms' graph
+    # may hold them), so one training step updates them once.
+    kept = [
+        (m, name, b)
+        for top in modules
+        for m in top.modules()
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+    for m, name, b in kept:
+        m._buffers[name] = b.clone()
+    try:
+        with (
+            torch.enable_grad(),
+            torch.autocast(ctx.device_type, ctx.autocast_dtype, enabled=ctx.autocast),
+        ):
+            out = run(*inputs)
+    finally:
+        for m, name, b in kept:
+            m._buffers[name] = b
+    grads = torch.autograd.grad(
+        out,
+        [everything[i] for i in wanted],
+        grad,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    result: list[torch.Tensor | None] = [None] * len(everything)
+    for i, g in zip(wanted, grads, strict=True):
+        result[i] = g
+    return result
+
+
+def save_autocast(ctx, device_type: str) -> None:  # noqa: ANN001
+    """Record the forward's autocast state on ``ctx`` for :func:`rerun_and_grad`."""
+    ctx.device_type = device_type
+    ctx.autocast = torch.is_autocast_enabled(device_type)
+    ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
 
 
 def recompute(

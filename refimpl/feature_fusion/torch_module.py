@@ -54,21 +54,26 @@ on the pooled (N, C) matrix with ``F.linear``) is added to that convolution's bi
 L + g comes out of one matrix product; the first batch norm runs on the quarter-size
 hidden map with PWConv1's bias moved into its shift. In-place steps (bias, ReLU, sigmoid)
 act on fresh products, never on views (autograd would copy the base in backward), and the
-soft selection of Eq. (4) is one ``torch.lerp``: ``Y + M (X - Y)``. Training mode
-calls every batch norm as a module (so ``nn.SyncBatchNorm.convert_sync_batchnorm`` and
-forward hooks take effect); only eval mode folds them, reading the layers' buffers.
-Saved for backward in training (issue 13; per byte of ONE input X, parameters excluded): the
-local context and the fusion run again in backward (:class:`refimpl._recompute.Recompute`, a
-custom autograd Function that saves only its inputs and calls the batch norms as modules
-both times, keeping the running statistics of one update), so MS-CAM saves X and PWConv1's
-output (1.25 plus the global branch's (N, C) vectors; was 3.50), AFF X and Y (2.0; was 5.5,
-the popular code 6.5) and iAFF X, Y and X (+) Y (3.0; was 9.0, the popular code 11.0). The
-price is the local context computed twice per training step.
-``torch.compile``/``torch.export`` and eval mode take the plain graph. Against
-an eager transcription of the popular code (2 CPU threads): forward 1.8-3.1 times
-faster at (8, 256, 28, 28), (32, 64, 56, 56) and (2, 512, 7, 7); forward and backward
-1.2-1.7 times faster with ``recompute=False``, 0.6-0.8 times its speed (1 thread,
-under load) with the default recomputation: see ``benchmarks/RESULTS.md``.
+soft selection of Eq. (4) is one ``torch.lerp``: ``Y + M (X - Y)``. Training mode does
+what each batch norm layer does: a plain ``nn.BatchNorm2d`` through the layer's own ATen
+kernels (statistics, running-statistics update, backward), any other layer (``nn.SyncBatchNorm``
+after ``convert_sync_batchnorm``, a hooked or subclassed one) called as a module; only eval
+mode folds them, reading the layers' buffers.
+Saved for backward in training (issue 13; per byte of ONE input X, parameters excluded): each
+attention stage (MS-CAM's one, AFF's one, iAFF's two) saves its inputs, PWConv1's output
+(C/r channels) and (N, C)-sized vectors, and recomputes the rest in backward: MS-CAM 1.25
+(was 3.50), AFF 2.25 (was 5.5; the popular code 6.5), iAFF 3.5 (was 9.0; the popular code
+11.0). Where every batch norm is a plain ``nn.BatchNorm2d`` (and the maps float32/float64,
+outside autocast) a stage is one autograd Function with a hand-written backward, global
+branch included, that calls the layers' own ATen kernels (:mod:`refimpl.feature_fusion._lean`);
+otherwise (``nn.SyncBatchNorm``, a hooked or subclassed layer, half precision) the stage runs
+again in backward with its graph recorded (:class:`refimpl._recompute.Recompute`), calling
+every batch norm as a module. ``recompute=False`` keeps the whole graph.
+``torch.compile``/``torch.export`` and eval mode take the plain graph. Against an eager
+transcription of the popular code (one thread, ``python -m refimpl bench``): forward 1.0-3.3
+times as fast; a training step (forward and backward) as fast or faster at (8, 256, 28, 28)
+and (32, 64, 56, 56), and 0.75-0.9 times its speed at (2, 512, 7, 7), where the one matrix
+product recomputed in backward is not paid back: see ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ from refimpl._torch_checks import (
     conv2d,
 )
 from refimpl.feature_fusion._checks import check_batch_statistics, check_same_dtype
+from refimpl.feature_fusion._lean import Stage, enter, fast_layout, leave, stage
 
 # ---------------------------------------------------------------------------------------
 # Functional helpers
@@ -388,9 +394,9 @@ class MSCAM(nn.Module):
         bias: biases in the 1x1 convolutions (the official code has them).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
-        recompute: in training, save only the inputs and run the local context again in
-            backward (the module docstring's "Saved for backward"); False keeps the whole
-            graph: more memory, a faster backward.
+        recompute: in training, save only the inputs and PWConv1's output and recompute
+            the rest of the local context in backward (the module docstring's "Saved for
+            backward"); False keeps the whole graph (more memory).
 
     Shape:
         Input (N, C, H, W), any N, H, W >= 1, any floating dtype and device; training
@@ -445,8 +451,12 @@ class MSCAM(nn.Module):
 
     def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training: saves X, PWConv1's output (C/r channels) and the small global branch;
-        the rest of Eq. (3) runs again in backward (:class:`refimpl._recompute.Recompute`)."""
+        the rest of Eq. (3) runs again in backward (:mod:`refimpl.feature_fusion._lean`,
+        or :class:`refimpl._recompute.Recompute` where the batch norms are not plain)."""
         local = self.local_att
+        if fast_layout((local, self.global_att), x) is not None:
+            (x_,) = enter(x)  # small NCHW maps as channels_last rows
+            return leave(stage(Stage(local, self.global_att, lerp=False), x_, None, None), x)
         g = self.global_att.vector(x)  # g(X), (N, C), plain autograd (small)
         h = _conv1x1(_flat(x), local.conv1.weight.flatten(1), local.conv1.bias)  # PWConv1
 
@@ -470,9 +480,9 @@ class AFF(nn.Module):
         bias: biases in the 1x1 convolutions (the official code has them).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
-        recompute: in training, save only the inputs and run the local context again in
-            backward (the module docstring's "Saved for backward"); False keeps the whole
-            graph: more memory, a faster backward.
+        recompute: in training, save only the inputs and PWConv1's output and recompute
+            the rest of the local context in backward (the module docstring's "Saved for
+            backward"); False keeps the whole graph (more memory).
         factor_two: return 2 Z, as the paper-era official code does (default: the paper).
 
     Shape:
@@ -523,6 +533,13 @@ class AFF(nn.Module):
         """Z of Eq. (4); with ``return_maps`` also ``{"L": ..., "g": ..., "M": M(X + Y)}``."""
         _check_pair(self, x, y, "AFF")
         if not return_maps and _lean(self, x, y):
+            if fast_layout((self.local_att, self.global_att), x, y) is not None:
+                x_, y_ = enter(x, y)  # small NCHW maps as channels_last rows
+                factor = 2.0 if self.factor_two else 1.0
+                spec = Stage(
+                    self.local_att, self.global_att, lerp=True, factor=factor, s_is_sum=True
+                )
+                return leave(stage(spec, x_, y_, x_ + y_), x)
             g = self.global_att.vector(x + y)  # g(X + Y), (N, C), plain autograd (small)
             return _recompute(self._fuse, (self.local_att,), x, y, g)
         maps: dict[str, torch.Tensor] | None = {} if return_maps else None
@@ -555,9 +572,9 @@ class IAFF(nn.Module):
         bias: biases in the 1x1 convolutions (the official code has them).
         device, dtype: where and of which dtype the parameters (and buffers) are created,
             as in ``torch.nn`` layers.
-        recompute: in training, save only the inputs and run the local context again in
-            backward (the module docstring's "Saved for backward"); False keeps the whole
-            graph: more memory, a faster backward.
+        recompute: in training, save only the inputs and PWConv1's output and recompute
+            the rest of the local context in backward (the module docstring's "Saved for
+            backward"); False keeps the whole graph (more memory).
         share_global: the second MS-CAM reuses the first one's global branch, as the
             popular PyTorch code does (its ``global_att2`` is never used); the module then
             has no ``global_att2``. Default: the paper's separate branch.
@@ -627,9 +644,16 @@ class IAFF(nn.Module):
         return (Z, maps) if return_maps else Z
 
     def _lean_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Training: saves X, Y, X (+) Y and the small global branches; each local context
-        runs again in backward (:class:`refimpl._recompute.Recompute`)."""
+        """Training: saves X, Y, X (+) Y, each stage's PWConv1 output and the small global
+        branches; each local context runs again in backward (:mod:`refimpl.feature_fusion._lean`,
+        or :class:`refimpl._recompute.Recompute` where the batch norms are not plain)."""
         local1, local2 = self.local_att, self.local_att2
+        global1, global2 = self.global_att, self.global_context2
+        if fast_layout((local1, global1, local2, global2), x, y) is not None:
+            x_, y_ = enter(x, y)  # small NCHW maps as channels_last rows
+            spec1 = Stage(local1, global1, lerp=True, s_is_sum=True)
+            XY = stage(spec1, x_, y_, x_ + y_)  # Eq. (5): X (+) Y
+            return leave(stage(Stage(local2, global2, lerp=True), x_, y_, XY), x)  # Eq. (4)
 
         def run1(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             M1 = local1.logits(x + y, g, gate=True)  # M_1(X + Y)
@@ -641,5 +665,5 @@ class IAFF(nn.Module):
             M2 = local2.logits(XY, g, gate=True)  # M_2(X (+) Y)
             return torch.lerp(y, x, M2.to(x.dtype))  # Eq. (4) with M_2
 
-        XY = _recompute(run1, (local1,), x, y, self.global_att.vector(x + y))
-        return _recompute(run2, (local2,), XY, x, y, self.global_context2.vector(XY))
+        XY = _recompute(run1, (local1,), x, y, global1.vector(x + y))
+        return _recompute(run2, (local2,), XY, x, y, global2.vector(XY))

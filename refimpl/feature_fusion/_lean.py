@@ -1,0 +1,462 @@
+r"""Lean training of MS-CAM, AFF and iAFF: one attention stage with a hand-written backward.
+
+One *stage* is Eq. (3)'s weights on a map S, and what the module makes of them:
+
+    h  = PWConv1(S)                       saved (C/r channels: a quarter of X at r = 4)
+    r  = delta(B1(h))                     recomputed in backward (quarter size)
+    u  = PWConv2(r)                       not kept: backward recomputes it from r
+    g  = the global branch on GAP(S)      Eq. (1); (N, C) matrices, kept
+    M  = sigma(B2(u) + g)                 Eq. (3), recomputed in backward
+    out = X * M                           MS-CAM, Eq. (3)
+    out = f (Y + M (X - Y))               AFF Eq. (4) (f = 2 with ``factor_two``), and
+                                          each of iAFF's two stages, Eqs. (4)-(5)
+
+with S = X (MS-CAM), S = X + Y (AFF, iAFF's first stage) or S = X (+) Y (iAFF's second
+stage). Saved for backward: the inputs, h, the global branch's (N, C)-sized matrices and the
+batch norms' batch means and inverse deviations; so MS-CAM saves 1.25 bytes per byte of X, AFF 2.25
+and iAFF 3.5 (issue 13's bounds: 1.5, 2.5 and 4.0).
+
+Why by hand: :class:`refimpl._recompute.Recompute` (the general path) runs the stage's
+forward again in backward with a graph and lets autograd differentiate it; that costs a
+second forward (batch statistics included) and the graph's bookkeeping, and made training
+steps 1.3-1.6 times slower than the popular code's. Here backward recomputes only
+t = PWConv2(r) (one matrix product on the quarter-size r) and M (one ``addcmul`` and a
+sigmoid), and writes the gradients of Eqs. (1)-(4) out directly, in place where a buffer is
+free; the global branch (on (N, C) matrices) is part of the same Function, so its pooling
+needs no full-size gradient of its own (dGAP joins dS in the same product):
+
+    dM  = dout X  (MS-CAM)  or  dout (X - Y)  (AFF), times f
+    dz  = dM M (1 - M)                                    the sigmoid
+    dg  = sum over positions of dz                        g is added at every position
+    du  = B2's backward of dz;  dr = PWConv2^T du;  dh = B1's backward of delta's
+    dS  = PWConv1^T dh + dGAP / (H W)
+
+The batch norms run as the layers run them, through the same ATen kernels
+(``native_batch_norm``, ``batch_norm_update_stats``, ``native_batch_norm_backward``) with
+the layers' own momentum rule, so parameters, running statistics and
+``num_batches_tracked`` move exactly as in the plain graph. This path is taken only where
+that is the whole of what the layers do: plain ``nn.BatchNorm2d`` layers in training mode,
+affine, without hooks, on float32 or float64 maps laid out NCHW- or channels_last-
+contiguous, outside autocast (:func:`fast_layout`). Anything else (``nn.SyncBatchNorm``,
+whose statistics and backward talk to the other processes; a subclass; a hooked layer;
+half precision) takes the general path, which calls the batch norms as modules, and so
+does double backward (``create_graph=True``): there the stage is rerun with its graph
+recorded and differentiated (:func:`refimpl._recompute.rerun_and_grad`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refimpl._recompute import rerun_and_grad, save_autocast
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def plain_batch_norm(bn: nn.Module) -> bool:
+    """Whether ``bn`` does nothing but what this file does by hand: exactly
+    ``nn.BatchNorm2d``, training with batch statistics, affine, no hooks of its own or
+    global ones."""
+    from torch.nn.modules import module as module_globals
+
+    if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.affine:
+        return False
+    if bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks:
+        return False
+    if getattr(bn, "_backward_pre_hooks", None):
+        return False
+    return not any(
+        getattr(module_globals, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )
+
+
+def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | None:
+    """The layout the hand-written stage runs in for ``maps`` (False: NCHW, True:
+    channels_last), or None where it does not apply (the general path then): ``branches``
+    are the stage's context branches, whose batch norms must all be plain."""
+    x = maps[0]
+    if x.dtype not in _FLOATS or torch.is_autocast_enabled(x.device.type):
+        return None
+    if not all(plain_batch_norm(b.bn1) and plain_batch_norm(b.bn2) for b in branches):
+        return None
+    if all(t.is_contiguous() for t in maps):
+        return False
+    if all(t.is_contiguous(memory_format=torch.channels_last) for t in maps):
+        return True
+    return None
+
+
+#: Below this many positions per map, NCHW maps go through the lean path as channels_last
+#: (N, L, C) rows (:func:`enter`, :func:`leave`): with so few positions the matrix products
+#: of the (N, C, L) stack are 1.2-1.5 times slower (one thread, (2, 512, 7, 7)) than one
+#: product on the rows, and the copies in and out cost less than that.
+ROWS_BELOW = 14 * 14
+
+
+class _Relayout(torch.autograd.Function):
+    """``t`` copied into ``fmt``; its gradient copied back into ``back``."""
+
+    @staticmethod
+    def forward(ctx, t, fmt, back):  # noqa: ANN001, ANN205
+        ctx.back = back
+        return t.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad.contiguous(memory_format=ctx.back), None, None
+
+
+def enter(*maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The maps the lean path computes on: small NCHW maps as channels_last copies (their
+    gradients come back NCHW), all others as they are."""
+    x = maps[0]
+    if x.shape[2] * x.shape[3] >= ROWS_BELOW or not x.is_contiguous():
+        return maps
+    if x.is_contiguous(memory_format=torch.channels_last):  # (also true at 1x1)
+        return maps
+    nchw, last = torch.contiguous_format, torch.channels_last
+    return tuple(_Relayout.apply(t, last, nchw) for t in maps)
+
+
+def leave(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` in the memory format of the module's input ``like`` (undoes :func:`enter`)."""
+    if like.is_contiguous() and not out.is_contiguous():
+        return _Relayout.apply(out, torch.contiguous_format, torch.channels_last)
+    return out
+
+
+class _Layout:
+    """A map (N, C, H, W) as a stack of matrices, without a copy.
+
+    NCHW: (N, C, L) with L = H W; a 1x1 convolution is ``torch.bmm`` with the weight
+    broadcast over images (no copy of the map). channels_last: (N, L, C) rows; a 1x1
+    convolution is one matrix product on the (N L, C) rows.
+    """
+
+    def __init__(self, last: bool, shape: torch.Size) -> None:
+        self.last = last
+        self.n, _, self.h, self.w = shape
+        self.positions = self.h * self.w
+        self.red = (0, 1) if last else (0, 2)  # per channel: over images and positions
+        self.pos = 1 if last else 2  # per image and channel: over positions
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, L) or (N, L, C), a view."""
+        if self.last:  # (contiguous: reshape may keep odd strides where H or W is 1)
+            rows = t.permute(0, 2, 3, 1).reshape(self.n, self.positions, t.shape[1])
+            return rows.contiguous()
+        return t.view(self.n, t.shape[1], self.positions)
+
+    def unview(self, v: torch.Tensor) -> torch.Tensor:
+        """Back to (N, C, H, W), in the layout ``v`` came from."""
+        if self.last:
+            return v.view(self.n, self.h, self.w, v.shape[2]).permute(0, 3, 1, 2)
+        return v.view(self.n, v.shape[1], self.h, self.w)
+
+    def chan(self, t: torch.Tensor) -> torch.Tensor:
+        """A (C,) vector broadcast over images and positions."""
+        return t.view(1, 1, -1) if self.last else t.view(1, -1, 1)
+
+    def img(self, t: torch.Tensor) -> torch.Tensor:
+        """An (N, C) matrix broadcast over positions."""
+        return t.view(self.n, 1, -1) if self.last else t.view(self.n, -1, 1)
+
+    def conv(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The 1x1 convolution with ``weight`` (O, I): (N, I, L) -> (N, O, L)."""
+        if self.last:
+            return torch.matmul(v, weight.t())
+        return torch.bmm(weight.expand(self.n, -1, -1), v)
+
+    def conv_t(
+        self, v: torch.Tensor, weight: torch.Tensor, plus: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Its transpose (the input's gradient): (N, O, L) -> (N, I, L); plus ``plus``, a
+        per-image term from :meth:`img`, in the same product."""
+        if self.last:
+            if plus is None:
+                return torch.matmul(v, weight)
+            return torch.baddbmm(plus, v, weight.expand(self.n, -1, -1))
+        if plus is None:
+            return torch.bmm(weight.t().expand(self.n, -1, -1), v)
+        return torch.baddbmm(plus, weight.t().expand(self.n, -1, -1), v)
+
+    def add_conv_t(self, out: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> None:
+        """``out += conv_t(v, weight)`` in place, one pass over ``out``."""
+        if self.last:
+            out.view(-1, out.shape[2]).addmm_(v.reshape(-1, v.shape[2]), weight)
+        else:
+            out.baddbmm_(weight.t().expand(self.n, -1, -1), v)
+
+    def weight_grad(self, dout: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The weight's gradient, sum over images and positions of dout v^T: (O, I)."""
+        if self.last:
+            return dout.reshape(-1, dout.shape[2]).t().mm(v.reshape(-1, v.shape[2]))
+        return torch.bmm(dout, v.transpose(1, 2)).sum(0)
+
+    def dim1(self, v: torch.Tensor) -> torch.Tensor:
+        """Channels in dim 1, as the batch norm kernels take them (a view)."""
+        return self.unview(v) if self.last else v
+
+    def rows_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`dim1`."""
+        return self.view(t) if self.last else t
+
+
+def _momentum(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """The running statistics ``bn`` updates in training and the factor it updates them
+    with, counting the batch as ``bn.forward`` does (``num_batches_tracked``, and the
+    cumulative average when ``momentum`` is None)."""
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    else:
+        factor = 0.0 if bn.momentum is None else bn.momentum
+    if not bn.track_running_stats:
+        return None, None, factor
+    return bn.running_mean, bn.running_var, factor
+
+
+def _params(branch: nn.Module) -> list[torch.Tensor | None]:
+    """A context branch's parameters in the order the stage takes them."""
+    return [
+        branch.conv1.weight,
+        branch.conv1.bias,
+        branch.bn1.weight,
+        branch.bn1.bias,
+        branch.conv2.weight,
+        branch.conv2.bias,
+        branch.bn2.weight,
+        branch.bn2.bias,
+    ]
+
+
+def _batch_norm(
+    bn: nn.BatchNorm2d, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bn(t)`` in training by the layer's own kernel, and the batch mean and inverse
+    deviation; the running statistics move as the layer moves them. ``t``: channels in dim
+    1 ((N, C) or a map)."""
+    running_mean, running_var, factor = _momentum(bn)
+    return torch.native_batch_norm(t, weight, bias, running_mean, running_var, True, factor, bn.eps)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one stage is: its two context branches, and what it makes of M.
+
+    ``lerp``: out = factor (Y + M (X - Y)), else out = X M. ``s_is_sum``: the S given to
+    :func:`stage` is X + Y (not saved: backward adds dS to dX and dY); otherwise a given S
+    is a map of its own (iAFF's X (+) Y: saved, with a gradient of its own).
+    """
+
+    local: nn.Module
+    glob: nn.Module
+    lerp: bool
+    factor: float = 1.0
+    s_is_sum: bool = False
+
+    def plain(
+        self, x: torch.Tensor, y: torch.Tensor | None, s: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The stage on the plain autograd graph (batch norms called as modules): double
+        backward differentiates this."""
+        if s is None:
+            s = x + y if self.lerp else x
+        M = self.local.logits(s, self.glob.vector(s), gate=True)  # Eq. (3)
+        out = torch.lerp(y, x, M) if self.lerp else x * M
+        return out * self.factor if self.factor != 1 else out
+
+
+def stage(
+    spec: Stage, x: torch.Tensor, y: torch.Tensor | None, s: torch.Tensor | None
+) -> torch.Tensor:
+    """Run one stage (see the module docstring) on (N, C, H, W) maps."""
+    return _Stage.apply(spec, x, y, s, *_params(spec.local), *_params(spec.glob))
+
+
+def _global_forward(
+    z: torch.Tensor, params: tuple, branch: nn.Module
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """g from the pooled (N, C) descriptor z (Eq. (1)'s GAP done), and what its backward
+    needs: the hidden pre-activation, PWConv2's output and both batch norms' statistics."""
+    w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params
+    bn1, bn2 = branch.bn1, branch.bn2
+    hg = F.linear(z, w1.flatten(1), b1)  # PWConv1, (N, C/r)
+    rg, mean1, invstd1 = _batch_norm(bn1, hg, gamma1, beta1)
+    ug = F.linear(rg.relu_(), w2.flatten(1), b2)  # PWConv2, (N, C)
+    g, mean2, invstd2 = _batch_norm(bn2, ug, gamma2, beta2)
+    return g, (z, hg, ug, mean1, invstd1, mean2, invstd2)
+
+
+def _global_backward(dg: torch.Tensor, saved: tuple, params: tuple, eps: tuple) -> tuple:
+    """The gradients of g's parameters and of z (N, C), from dg (N, C)."""
+    z, hg, ug, mean1, invstd1, mean2, invstd2 = saved
+    w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params
+    weight1, weight2 = w1.flatten(1), w2.flatten(1)
+    rg = torch.addcmul(beta1 - mean1 * gamma1 * invstd1, hg, gamma1 * invstd1).relu_()
+    both = [True, True, True]
+    dug, dgamma2, dbeta2 = torch.ops.aten.native_batch_norm_backward(
+        dg, ug, gamma2, None, None, mean2, invstd2, True, eps[1], both
+    )
+    drg = torch.ops.aten.threshold_backward(dug.mm(weight2), rg, 0)
+    dhg, dgamma1, dbeta1 = torch.ops.aten.native_batch_norm_backward(
+        drg, hg, gamma1, None, None, mean1, invstd1, True, eps[0], both
+    )
+    grads = (
+        dhg.t().mm(z).view_as(w1),
+        None if b1 is None else dhg.sum(0),
+        dgamma1,
+        dbeta1,
+        dug.t().mm(rg).view_as(w2),
+        None if b2 is None else dug.sum(0),
+        dgamma2,
+        dbeta2,
+    )
+    return grads, dhg.mm(weight1)  # and dz
+
+
+class _Stage(torch.autograd.Function):
+    """One stage with the hand-written backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, spec, x, y, s, *params):  # noqa: ANN001, ANN205
+        w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params[:8]  # the local branch's
+        maps = [t for t in (x, y, s) if t is not None]
+        last = bool(fast_layout((spec.local, spec.glob), *maps))
+        lay = _Layout(last, x.shape)
+        xv = lay.view(x)
+        yv = None if y is None else lay.view(y)
+        sv = lay.view(s) if s is not None else (xv + yv if spec.lerp else xv)
+        bn1, bn2 = spec.local.bn1, spec.local.bn2
+
+        # g(S): the global branch on the pooled (N, C) descriptor, Eq. (1)
+        g, kept_global = _global_forward(sv.mean(lay.pos), params[8:], spec.glob)
+        # L(S): PWConv1, B1 (the layer's kernel), delta, PWConv2
+        h = lay.conv(sv, w1.flatten(1))  # (N, C/r, L)
+        if b1 is not None:
+            h.add_(lay.chan(b1))
+        r, mean1, invstd1 = _batch_norm(bn1, lay.dim1(h), gamma1, beta1)
+        r = lay.rows_of(r).relu_()  # delta(B1(h))
+        u = lay.conv(r, w2.flatten(1))  # (N, C, L)
+        if b2 is not None:
+            u.add_(lay.chan(b2))
+        # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
+        running_mean, running_var, factor = _momentum(bn2)
+        mean2, var2 = torch.batch_norm_update_stats(lay.dim1(u), running_mean, running_var, factor)
+        invstd2 = torch.rsqrt(var2 + bn2.eps)
+        a2 = gamma2 * invstd2
+        shift = (beta2 - mean2 * a2) + g  # B2's shift plus g(S), (N, C)
+        M = torch.addcmul(lay.img(shift), u, lay.chan(a2), out=u).sigmoid_()  # Eq. (3)
+        if spec.lerp:
+            out = torch.lerp(yv, xv, M, out=M)  # Eq. (4): Y + M (X - Y)
+            if spec.factor != 1:
+                out.mul_(spec.factor)
+        else:
+            out = M.mul_(xv)  # Eq. (3): X M
+
+        ctx.spec, ctx.last = spec, last
+        ctx.eps = (bn1.eps, bn2.eps, spec.glob.bn1.eps, spec.glob.bn2.eps)
+        ctx.params = params  # leaves: used, not saved
+        save_autocast(ctx, x.device.type)
+        kept_s = None if spec.s_is_sum else s
+        ctx.save_for_backward(
+            x, y, kept_s, g, h, mean1, invstd1, mean2, invstd2, *kept_global
+        )  # fmt: skip
+        return lay.unview(out)
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: ANN001, ANN205
+        x, y, s, g, h, mean1, invstd1, mean2, invstd2, *kept_global = ctx.saved_tensors
+        spec: Stage = ctx.spec
+        if torch.is_grad_enabled():  # double backward: differentiate the plain graph
+            modules = (spec.local, spec.glob)
+            grads = rerun_and_grad(ctx, spec.plain, modules, (x, y, s), ctx.params, 1, dout)
+            return (None, *grads)
+        w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = ctx.params[:8]
+        lay = _Layout(ctx.last, x.shape)
+        fmt = torch.channels_last if ctx.last else torch.contiguous_format
+        dv = lay.view(dout.contiguous(memory_format=fmt))  # as the forward's output was
+        if spec.factor != 1:
+            dv = dv * spec.factor
+        xv = lay.view(x)
+        yv = None if y is None else lay.view(y)
+        weight1, weight2 = w1.flatten(1), w2.flatten(1)  # (C/r, C), (C, C/r)
+
+        # Recompute r = delta(B1(h)) and t = PWConv2(r) without its bias; M from t, with
+        # B2 (k2 = gamma2 / sigma2), g and the sigmoid in one addcmul and a sigmoid.
+        a1 = gamma1 * invstd1
+        r = torch.addcmul(lay.chan(beta1 - mean1 * a1), h, lay.chan(a1)).relu_()
+        t = lay.conv(r, weight2)  # W2 r, (N, C, L)
+        mean2_t = mean2 if b2 is None else mean2 - b2  # B2's batch mean, of t
+        k2 = gamma2 * invstd2
+        M = torch.addcmul(lay.img(beta2 - k2 * mean2_t + g), t, lay.chan(k2)).sigmoid_()
+
+        # dM through Eq. (4) / (3), then the sigmoid: dz = dM M (1 - M)
+        dz = torch.sub(xv, yv).mul_(dv) if spec.lerp else dv * xv  # dout (X - Y), dout X
+        torch.ops.aten.sigmoid_backward.grad_input(dz, M, grad_input=dz)
+        # g: added at every position; its branch's backward gives dz_pool, the gradient of
+        # GAP(S), which reaches every position of S divided by H W
+        global_grads, dpool = _global_backward(
+            dz.sum(lay.pos), kept_global, ctx.params[8:], ctx.eps[2:]
+        )
+        dpool = lay.img(dpool.div_(lay.positions))
+        # the inputs' gradients through the product (and, for S = X, GAP's)
+        if spec.lerp:
+            dx = dv * M  # dout M
+            dy = torch.sub(dv, dx, out=M)  # dout (1 - M)
+        else:
+            dx, dy = torch.addcmul(dpool, M, dv, out=M), None  # dout M + dGAP
+        del M
+        # B2 and B1 with batch statistics: the layers' own backward kernel (what autograd
+        # runs for them), given the saved batch means and inverse deviations
+        eps1, eps2 = ctx.eps[:2]
+        du, dgamma2, dbeta2 = torch.ops.aten.native_batch_norm_backward(
+            lay.dim1(dz), lay.dim1(t), gamma2, None, None, mean2_t, invstd2, True, eps2,
+            [True, True, True],
+        )  # fmt: skip
+        del dz, t
+        du = lay.rows_of(du)
+        db2 = None if b2 is None else du.sum(lay.red)
+        dw2 = lay.weight_grad(du, r)  # (C, C/r)
+        dr = lay.conv_t(du, weight2)  # (N, C/r, L)
+        del du
+        dr = torch.ops.aten.threshold_backward(dr, r, 0)  # delta
+        dh, dgamma1, dbeta1 = torch.ops.aten.native_batch_norm_backward(
+            lay.dim1(dr), lay.dim1(h), gamma1, None, None, mean1, invstd1, True, eps1,
+            [True, True, True],
+        )  # fmt: skip
+        dh = lay.rows_of(dh)
+        db1 = None if b1 is None else dh.sum(lay.red)
+        # PWConv1: its weight's gradient against S; dS = PWConv1^T dh (+ dGAP) to the inputs
+        if s is not None:  # S = X (+) Y, a map of its own
+            dw1 = lay.weight_grad(dh, lay.view(s))
+            ds = lay.unview(lay.conv_t(dh, weight1, dpool))
+        elif spec.lerp:  # S = X + Y: formed again (one pass, not a second product)
+            dw1 = lay.weight_grad(dh, torch.add(xv, yv))
+            ds = lay.conv_t(dh, weight1, dpool)
+            dx.add_(ds)
+            dy.add_(ds)
+            ds = None
+        else:  # S = X
+            dw1 = lay.weight_grad(dh, xv)
+            lay.add_conv_t(dx, dh, weight1)
+            ds = None
+        local_grads = (dw1.view_as(w1), db1, dgamma1, dbeta1, dw2.view_as(w2), db2, dgamma2, dbeta2)
+        return (
+            None,
+            lay.unview(dx),
+            None if dy is None else lay.unview(dy),
+            ds,
+            *local_grads,
+            *global_grads,
+        )
