@@ -269,7 +269,7 @@ def test_float32_training_step_matches_the_plain_graph(name) -> None:
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, [*xs, *lean.parameters()], grad)
     want = torch.autograd.grad(ref, [*xs, *plain.parameters()], grad)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     # The conv biases before a batch norm have gradient 0, where both sides give rounding
     # noise: absolute tolerance on the scale of the largest gradient.
     scale = max(b.abs().max().item() for b in want)
@@ -314,10 +314,17 @@ def _attention_module(channels: int, dtype: torch.dtype = torch.float32, **optio
 
 @pytest.mark.parametrize("shape", [(2, 512, 7, 7), (8, 64, 28, 28)])
 def test_attention_module_saved_for_backward(shape) -> None:
-    """Per byte of x, parameters excluded: the default saves what the structurally equal
-    port saves less one tensor, ``checkpoint_mask`` cuts 38% (the mask branch and H:
-    13.0 of 21.25 is the trunk, the p units and T), both options together cut 2/3."""
-    from refimpl.residual_attention.popular import FixedSizeAttentionModule
+    """Per byte of x, parameters excluded. The default saves 13.9-14.9 (issue 13: 21.3-22.6,
+    the seeds' port 19.0-19.8): each residual unit rebuilds its activated inputs in
+    backward. The ports of ``popular.py`` (plain autograd units) save more: the
+    structurally equal fixed-size port 22.3-23.9, the seeds' one-level fixed-factor port
+    19.0 (it needs even sizes). ``checkpoint_mask`` halves the default (49.8% off at
+    28x28: 7.0 of 13.94 is the input, the p and t units, T and H), ``checkpoint_trunk``
+    cuts 14%, both together 71%."""
+    from refimpl.residual_attention.popular import (
+        FixedFactorAttentionModule,
+        FixedSizeAttentionModule,
+    )
 
     x = torch.randn(shape, requires_grad=True)
     ratios = {}
@@ -325,10 +332,97 @@ def test_attention_module_saved_for_backward(shape) -> None:
         module = _attention_module(shape[1], **options)
         ratios[key] = _saved_per_x(module, [x])
     port = FixedSizeAttentionModule(shape[1], size=shape[2:], depth=2).train()
-    assert ratios["default"] <= _saved_per_x(port, [x]) - 0.99
-    assert ratios[("checkpoint_mask",)] <= 0.625 * ratios["default"]
-    assert ratios[("checkpoint_trunk",)] <= 0.85 * ratios["default"]
-    assert ratios[("checkpoint_mask", "checkpoint_trunk")] <= 0.34 * ratios["default"]
+    assert ratios["default"] <= 0.65 * _saved_per_x(port, [x])
+    if shape[2] % 2 == 0:
+        seeds = FixedFactorAttentionModule(shape[1], encoder_depth=1).train()
+        assert ratios["default"] <= 0.75 * _saved_per_x(seeds, [x])
+    assert ratios["default"] <= 15.0
+    assert ratios[("checkpoint_mask",)] <= 0.503 * ratios["default"]
+    assert ratios[("checkpoint_trunk",)] <= 0.87 * ratios["default"]
+    assert ratios[("checkpoint_mask", "checkpoint_trunk")] <= 0.3 * ratios["default"]
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_residual_unit_saves_its_input_and_two_quarter_maps(projection) -> None:
+    """A residual unit in training saves its input and its two hidden maps' inputs (1.5 per
+    byte of x at the default quarter width), not the activated inputs of its three
+    convolutions (3.0 before issue 13); with a projection shortcut it keeps relu(bn1(x))
+    (the shortcut's input) too."""
+    from refimpl.residual_attention.torch_module import ResidualUnit
+
+    unit = ResidualUnit(64, 128 if projection else None).train()
+    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    ratio = _saved_per_x(unit, [x])
+    want = 2.0 + 2 * 0.5 if projection else 1.5  # hidden width 128 // 4 = 32: half of x
+    assert ratio == pytest.approx(want, abs=0.01)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 3),
+    size=st.sampled_from([(1, 1), (3, 5), (6, 4)]),
+    stride=st.sampled_from([1, 2]),
+    out=st.sampled_from([None, 6]),
+    channels_last=st.booleans(),
+    momentum=st.sampled_from([0.1, None]),
+)
+def test_residual_unit_lean_equals_plain_autograd(
+    seed, n, size, stride, out, channels_last, momentum
+) -> None:
+    """Output, gradients and running statistics equal the plain graph's (float64, 1e-12),
+    strided and projected units included; gradcheck and gradgradcheck hold."""
+    from refimpl.residual_attention.popular import PlainResidualUnit
+    from refimpl.residual_attention.torch_module import ResidualUnit
+
+    torch.manual_seed(seed)
+    lean = ResidualUnit(4, out, stride).double().train()
+    for bn in (lean.bn1, lean.bn2, lean.bn3):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+        bn.momentum = momentum
+    plain = PlainResidualUnit(4, out, stride).double().train()
+    plain.load_state_dict(lean.state_dict())
+    for a, b in zip(lean.modules(), plain.modules(), strict=True):
+        if isinstance(a, nn.BatchNorm2d):
+            b.momentum = a.momentum
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, 4, *size, dtype=torch.float64).contiguous(memory_format=fmt)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = lean(x1), plain(x2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grad = torch.randn_like(got)
+    a = torch.autograd.grad(got, [x1, *lean.parameters()], grad)
+    b = torch.autograd.grad(want, [x2, *plain.parameters()], grad)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    for (name, u), v in zip(lean.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-14, msg=name)
+    small = x[:, :, :2, :2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lean, (small,))
+    assert torch.autograd.gradgradcheck(lean, (small,))
+
+
+def test_residual_unit_lean_only_for_plain_layers() -> None:
+    """A hooked or replaced layer, half precision or autocast: the layers are called."""
+    from refimpl.residual_attention.torch_module import ResidualUnit
+
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    unit = ResidualUnit(8).train()
+    assert unit._lean(x)
+    assert not unit._lean(x.detach().half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not unit._lean(x)
+    with torch.no_grad():
+        assert not unit._lean(x)
+    assert not copy.deepcopy(unit).eval()._lean(x)
+    hooked = copy.deepcopy(unit)
+    calls = []
+    hooked.conv2.register_forward_hook(lambda m, i, o: calls.append(1))
+    assert not hooked._lean(x)
+    hooked(x)
+    assert calls == [1]
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(unit))
+    assert not synced._lean(x)
 
 
 @pytest.mark.parametrize("options", CHECKPOINTS)

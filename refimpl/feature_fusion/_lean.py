@@ -52,32 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl._batch_norm import batch_norm_backward, batch_norm_train, momentum, plain_batch_norm
 from refimpl._recompute import rerun_and_grad, save_autocast
+from refimpl._torch_checks import autocast_enabled
 
 _FLOATS = (torch.float32, torch.float64)
-
-
-def plain_batch_norm(bn: nn.Module) -> bool:
-    """Whether ``bn`` does nothing but what this file does by hand: exactly
-    ``nn.BatchNorm2d``, training with batch statistics, affine, no hooks of its own or
-    global ones."""
-    from torch.nn.modules import module as module_globals
-
-    if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.affine:
-        return False
-    if bn._forward_hooks or bn._forward_pre_hooks or bn._backward_hooks:
-        return False
-    if getattr(bn, "_backward_pre_hooks", None):
-        return False
-    return not any(
-        getattr(module_globals, name, None)
-        for name in (
-            "_global_forward_hooks",
-            "_global_forward_pre_hooks",
-            "_global_backward_hooks",
-            "_global_backward_pre_hooks",
-        )
-    )
 
 
 def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | None:
@@ -85,7 +64,7 @@ def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | 
     channels_last), or None where it does not apply (the general path then): ``branches``
     are the stage's context branches, whose batch norms must all be plain."""
     x = maps[0]
-    if x.dtype not in _FLOATS or torch.is_autocast_enabled(x.device.type):
+    if x.dtype not in _FLOATS or autocast_enabled(x):
         return None
     if not all(plain_batch_norm(b.bn1) and plain_batch_norm(b.bn2) for b in branches):
         return None
@@ -212,20 +191,6 @@ class _Layout:
         return self.view(t) if self.last else t
 
 
-def _momentum(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-    """The running statistics ``bn`` updates in training and the factor it updates them
-    with, counting the batch as ``bn.forward`` does (``num_batches_tracked``, and the
-    cumulative average when ``momentum`` is None)."""
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    else:
-        factor = 0.0 if bn.momentum is None else bn.momentum
-    if not bn.track_running_stats:
-        return None, None, factor
-    return bn.running_mean, bn.running_var, factor
-
-
 def _params(branch: nn.Module) -> list[torch.Tensor | None]:
     """A context branch's parameters in the order the stage takes them."""
     return [
@@ -238,16 +203,6 @@ def _params(branch: nn.Module) -> list[torch.Tensor | None]:
         branch.bn2.weight,
         branch.bn2.bias,
     ]
-
-
-def _batch_norm(
-    bn: nn.BatchNorm2d, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``bn(t)`` in training by the layer's own kernel, and the batch mean and inverse
-    deviation; the running statistics move as the layer moves them. ``t``: channels in dim
-    1 ((N, C) or a map)."""
-    running_mean, running_var, factor = _momentum(bn)
-    return torch.native_batch_norm(t, weight, bias, running_mean, running_var, True, factor, bn.eps)
 
 
 @dataclass(frozen=True)
@@ -292,9 +247,9 @@ def _global_forward(
     w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params
     bn1, bn2 = branch.bn1, branch.bn2
     hg = F.linear(z, w1.flatten(1), b1)  # PWConv1, (N, C/r)
-    rg, mean1, invstd1 = _batch_norm(bn1, hg, gamma1, beta1)
+    rg, mean1, invstd1 = batch_norm_train(bn1, hg, gamma1, beta1)
     ug = F.linear(rg.relu_(), w2.flatten(1), b2)  # PWConv2, (N, C)
-    g, mean2, invstd2 = _batch_norm(bn2, ug, gamma2, beta2)
+    g, mean2, invstd2 = batch_norm_train(bn2, ug, gamma2, beta2)
     return g, (z, hg, ug, mean1, invstd1, mean2, invstd2)
 
 
@@ -304,14 +259,9 @@ def _global_backward(dg: torch.Tensor, saved: tuple, params: tuple, eps: tuple) 
     w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params
     weight1, weight2 = w1.flatten(1), w2.flatten(1)
     rg = torch.addcmul(beta1 - mean1 * gamma1 * invstd1, hg, gamma1 * invstd1).relu_()
-    both = [True, True, True]
-    dug, dgamma2, dbeta2 = torch.ops.aten.native_batch_norm_backward(
-        dg, ug, gamma2, None, None, mean2, invstd2, True, eps[1], both
-    )
+    dug, dgamma2, dbeta2 = batch_norm_backward(dg, ug, gamma2, mean2, invstd2, eps[1])
     drg = torch.ops.aten.threshold_backward(dug.mm(weight2), rg, 0)
-    dhg, dgamma1, dbeta1 = torch.ops.aten.native_batch_norm_backward(
-        drg, hg, gamma1, None, None, mean1, invstd1, True, eps[0], both
-    )
+    dhg, dgamma1, dbeta1 = batch_norm_backward(drg, hg, gamma1, mean1, invstd1, eps[0])
     grads = (
         dhg.t().mm(z).view_as(w1),
         None if b1 is None else dhg.sum(0),
@@ -345,13 +295,13 @@ class _Stage(torch.autograd.Function):
         h = lay.conv(sv, w1.flatten(1))  # (N, C/r, L)
         if b1 is not None:
             h.add_(lay.chan(b1))
-        r, mean1, invstd1 = _batch_norm(bn1, lay.dim1(h), gamma1, beta1)
+        r, mean1, invstd1 = batch_norm_train(bn1, lay.dim1(h), gamma1, beta1)
         r = lay.rows_of(r).relu_()  # delta(B1(h))
         u = lay.conv(r, w2.flatten(1))  # (N, C, L)
         if b2 is not None:
             u.add_(lay.chan(b2))
         # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
-        running_mean, running_var, factor = _momentum(bn2)
+        running_mean, running_var, factor = momentum(bn2)
         mean2, var2 = torch.batch_norm_update_stats(lay.dim1(u), running_mean, running_var, factor)
         invstd2 = torch.rsqrt(var2 + bn2.eps)
         a2 = gamma2 * invstd2
@@ -420,10 +370,9 @@ class _Stage(torch.autograd.Function):
         # B2 and B1 with batch statistics: the layers' own backward kernel (what autograd
         # runs for them), given the saved batch means and inverse deviations
         eps1, eps2 = ctx.eps[:2]
-        du, dgamma2, dbeta2 = torch.ops.aten.native_batch_norm_backward(
-            lay.dim1(dz), lay.dim1(t), gamma2, None, None, mean2_t, invstd2, True, eps2,
-            [True, True, True],
-        )  # fmt: skip
+        du, dgamma2, dbeta2 = batch_norm_backward(
+            lay.dim1(dz), lay.dim1(t), gamma2, mean2_t, invstd2, eps2
+        )
         del dz, t
         du = lay.rows_of(du)
         db2 = None if b2 is None else du.sum(lay.red)
@@ -431,10 +380,9 @@ class _Stage(torch.autograd.Function):
         dr = lay.conv_t(du, weight2)  # (N, C/r, L)
         del du
         dr = torch.ops.aten.threshold_backward(dr, r, 0)  # delta
-        dh, dgamma1, dbeta1 = torch.ops.aten.native_batch_norm_backward(
-            lay.dim1(dr), lay.dim1(h), gamma1, None, None, mean1, invstd1, True, eps1,
-            [True, True, True],
-        )  # fmt: skip
+        dh, dgamma1, dbeta1 = batch_norm_backward(
+            lay.dim1(dr), lay.dim1(h), gamma1, mean1, invstd1, eps1
+        )
         dh = lay.rows_of(dh)
         db1 = None if b1 is None else dh.sum(lay.red)
         # PWConv1: its weight's gradient against S; dS = PWConv1^T dh (+ dGAP) to the inputs

@@ -23,8 +23,10 @@ computed for, e.g., 56x56), so any other input size fails; and on the way up the
 bottom-up feature *and* the skip unit's output (the official prototxt adds the skip
 unit's output only, which already contains the feature through its identity shortcut).
 
-Both use :class:`~refimpl.residual_attention.ResidualUnit` for every residual block and
-H = (1 + M) * T, so that what differs is the mask branch alone.
+Both use :class:`~refimpl.residual_attention.ResidualUnit`'s layers for every residual
+block (as :class:`PlainResidualUnit`: plain autograd in training, as a port's unit keeps its
+graph, not refimpl's lean backward) and H = (1 + M) * T, so that what differs is the mask
+branch alone.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ from torch import nn
 from refimpl.residual_attention.torch_module import ResidualUnit
 
 
+class PlainResidualUnit(ResidualUnit):
+    """:class:`ResidualUnit` on the plain autograd graph in training (what a port's
+    BN-ReLU-conv unit saves for backward), with the same parameters and function."""
+
+    def _lean(self, x: torch.Tensor) -> bool:
+        return False
+
+
 def _units(count: int, channels: int) -> nn.Sequential:
     return nn.Sequential(
-        OrderedDict((f"unit{j}", ResidualUnit(channels)) for j in range(1, count + 1))
+        OrderedDict((f"unit{j}", PlainResidualUnit(channels)) for j in range(1, count + 1))
     )
 
 
@@ -65,7 +75,7 @@ class FixedFactorAttentionModule(nn.Module):
         self.pre = _units(p, channels)
         self.trunk = _units(t, channels)
         self.down = nn.ModuleList(_units(r, channels) for _ in range(encoder_depth))
-        self.skip = nn.ModuleList(ResidualUnit(channels) for _ in range(encoder_depth - 1))
+        self.skip = nn.ModuleList(PlainResidualUnit(channels) for _ in range(encoder_depth - 1))
         self.up = nn.ModuleList(_units(r, channels) for _ in range(encoder_depth))
         self.conv1 = nn.Conv2d(channels, channels, 1)  # no BN, no ReLU between the two
         self.conv2 = nn.Conv2d(channels, channels, 1)
@@ -120,7 +130,7 @@ class FixedSizeAttentionModule(nn.Module):
         self.down = nn.ModuleList(
             _units(2 * r if i == depth - 1 else r, channels) for i in range(depth)
         )
-        self.skip = nn.ModuleList(ResidualUnit(channels) for _ in range(depth - 1))
+        self.skip = nn.ModuleList(PlainResidualUnit(channels) for _ in range(depth - 1))
         self.up = nn.ModuleList(_units(r, channels) for _ in range(depth - 1))
         self.interpolations = nn.ModuleList(
             nn.UpsamplingBilinear2d(size=sizes[i]) for i in range(depth)

@@ -64,13 +64,20 @@ module compute in channels_last whatever the input's layout (see
 the input's layout.
 
 Memory (issue 13; bytes saved for backward in training per byte of x, parameters
-excluded, p=1, t=2, r=1, depth 2): 21.25 at 8x256x28x28 (22.9 at 2x512x7x7), one tensor
-less than the fixed-size port of ``popular.py`` (the same units). ``checkpoint_mask=True``
-recomputes the mask branch and H in backward: 13.0 (-39%: the four full-size residual
-units and T hold the rest); with ``checkpoint_trunk=True`` as well everything between the
-first and the last p units is recomputed: 7.0 (-67%). Both go through
-:class:`refimpl._recompute.Recompute` (batch norms called as modules, running statistics
-updated once per step, gradients equal to plain autograd's).
+excluded, p=1, t=2, r=1, depth 2): 13.9 at 8x256x28x28 (14.9 at 2x512x7x7; was 21.25 and
+22.9). Each residual unit saves its input and its two quarter-width hidden maps (1.5, not
+3.0): its three BN-ReLU-conv steps are one :class:`_PreActivated` Function that rebuilds
+the activated inputs in backward (plain layers only; anything else, a SyncBatchNorm or a
+hooked layer, is called as a module). The ports of ``popular.py``, on the plain autograd
+graph, save 22.3 (fixed-size, the same function) and 19.0 (the seeds' one-level
+fixed-factor form). ``checkpoint_mask=True`` recomputes the mask branch and H in backward:
+7.0 (-50%: the input, the four full-size residual units, T and H hold the rest); with
+``checkpoint_trunk=True`` as well everything between the first and the last p units is
+recomputed: 4.0 (-71%). Both go through :class:`refimpl._recompute.Recompute` (batch norms
+called as modules, running statistics updated once per step, gradients equal to plain
+autograd's). Time (one thread, ``benchmarks/attention_module_vs_port.py``): a training
+step as fast as the fixed-size port's at 8x256x28x28, 0.92-0.94 of its speed at
+2x512x7x7, where the units' backward recomputation is not paid back.
 """
 
 from __future__ import annotations
@@ -82,9 +89,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refimpl._batch_norm import (
+    batch_norm_backward,
+    batch_norm_train,
+    plain_batch_norm,
+    plain_module,
+)
 from refimpl._checks import check_choice, check_positive_int
-from refimpl._recompute import recompute
-from refimpl._torch_checks import call_conv, check_torch_input
+from refimpl._recompute import recompute, rerun_and_grad
+from refimpl._torch_checks import autocast_enabled, call_conv, check_torch_input
 from refimpl.residual_attention._pooling import (
     MAX_POOL,
     check_pooling,
@@ -144,6 +157,84 @@ def _bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------
 # The pre-activation residual unit
+
+
+class _PreActivated(torch.autograd.Function):
+    """A chain of a residual unit's steps ``conv(relu(bn(.)))``, saving each step's input
+    (and two C-vectors) only.
+
+    Autograd would also keep each activated relu(bn(.)) for the convolution's weight
+    gradient: per unit, one more tensor of the input's size and two of a quarter of it
+    (issue 13: the attention module saved 21.3 bytes per byte of x, each residual unit
+    3.0; with this 1.5). Backward rebuilds them from the inputs and the batch statistics
+    (one ``addcmul`` and an in-place ReLU each) and then runs the kernels autograd runs for
+    the layers (``convolution_backward``, ``threshold_backward``,
+    ``native_batch_norm_backward``); the batch norms run in forward as the layers run
+    (:mod:`refimpl._batch_norm`). One Function for the whole chain: the Python cost of a
+    Function is paid once per unit, not per step (at 2x512x7x7 it is what this costs).
+    Only for plain layers, float32/float64, no autocast (:meth:`ResidualUnit._lean`);
+    double backward reruns the layers with a graph.
+    """
+
+    @staticmethod
+    def forward(ctx, steps, x, *params):  # noqa: ANN001, ANN205
+        kept = []
+        f = x
+        for j, (bn, conv) in enumerate(steps):
+            gamma, beta, weight = params[3 * j : 3 * j + 3]
+            a, mean, invstd = batch_norm_train(bn, f, gamma, beta)
+            kept += [f, mean, invstd]
+            a = a.relu_()
+            f = F.conv2d(a, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.steps, ctx.params = steps, params
+        # autocast is off on this path (ResidualUnit._lean); rerun_and_grad reads these
+        ctx.device_type, ctx.autocast, ctx.autocast_dtype = x.device.type, False, None
+        ctx.save_for_backward(*kept)
+        return f
+
+    @staticmethod
+    def backward(ctx, df):  # noqa: ANN001, ANN205
+        kept = ctx.saved_tensors
+        steps, params = ctx.steps, ctx.params
+        if torch.is_grad_enabled():  # double backward: differentiate the layers' graph
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                for bn, conv in steps:
+                    x = call_conv(conv, _bn_relu(bn, x))
+                return x
+
+            modules = tuple(m for step in steps for m in step)
+            grads = rerun_and_grad(ctx, run, modules, (kept[0],), params, 1, df)
+            return (None, *grads)
+        grads: list[torch.Tensor] = []
+        for j in reversed(range(len(steps))):
+            bn, conv = steps[j]
+            x, mean, invstd = kept[3 * j : 3 * j + 3]
+            gamma, beta, weight = params[3 * j : 3 * j + 3]
+            k = gamma * invstd  # bn(x) = k x + (beta - k mean), per channel
+            a = torch.addcmul((beta - mean * k)[:, None, None], x, k[:, None, None]).relu_()
+            da, dweight, _ = torch.ops.aten.convolution_backward(
+                df, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0],
+                conv.groups, [True, True, False],
+            )  # fmt: skip
+            torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=da)  # in place
+            df, dgamma, dbeta = batch_norm_backward(da, x, gamma, mean, invstd, bn.eps)
+            grads[:0] = [dgamma, dbeta, dweight]
+        return (None, df, *grads)
+
+
+def _pre_activated(
+    steps: tuple[tuple[nn.BatchNorm2d, nn.Conv2d], ...], x: torch.Tensor, lean: bool
+) -> torch.Tensor:
+    """conv(relu(bn(.))) for each (bn, conv) of ``steps`` in turn: by one
+    :class:`_PreActivated` if ``lean``, else the layers called as modules."""
+    if lean:
+        params = [t for bn, conv in steps for t in (bn.weight, bn.bias, conv.weight)]
+        return _PreActivated.apply(steps, x, *params)
+    for bn, conv in steps:
+        # call_conv: conv(.), in float32 on thin bfloat16 CPU maps (a torch bug, see there)
+        x = call_conv(conv, _bn_relu(bn, x))
+    return x
 
 
 class ResidualUnit(nn.Module):
@@ -207,6 +298,25 @@ class ResidualUnit(nn.Module):
         for bn in (self.bn1, self.bn2, self.bn3):
             bn.reset_running_stats()
 
+    def _lean(self, x: torch.Tensor) -> bool:
+        """Whether the unit's steps run as :class:`_PreActivated` on ``x``: training with
+        gradients, plain layers (no hooks, exactly ``nn.BatchNorm2d`` and ``nn.Conv2d``),
+        float32/float64 outside autocast, not traced or compiled."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if x.dtype not in (torch.float32, torch.float64):
+            return False
+        if autocast_enabled(x):
+            return False
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        for bn, conv in ((self.bn1, self.conv1), (self.bn2, self.conv2), (self.bn3, self.conv3)):
+            if not (plain_batch_norm(bn) and plain_module(conv)) or type(conv) is not nn.Conv2d:
+                return False
+            if conv.bias is not None or conv.padding_mode != "zeros":
+                return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, out_channels={self.out_channels}, stride={self.stride}, "
@@ -216,12 +326,15 @@ class ResidualUnit(nn.Module):
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> MapsOr:
         """s(x) + F(x); with ``return_maps`` also ``{"F": F(x)}``."""
         check_torch_input(x, self.channels, "ResidualUnit", "x", self)
-        a = _bn_relu(self.bn1, x)  # pre-activation, (N, C_in, H, W)
-        # call_conv: conv(.), in float32 on thin bfloat16 CPU maps (a torch bug, see there)
-        f = call_conv(self.conv1, a)  # (N, C_hidden, H, W)
-        f = call_conv(self.conv2, _bn_relu(self.bn2, f))  # 3x3, strided, (N, C_hidden, H', W')
-        f = call_conv(self.conv3, _bn_relu(self.bn3, f))  # (N, C_out, H', W')
-        s = x if self.shortcut is None else call_conv(self.shortcut, a)  # identity or projection
+        lean = self._lean(x)  # training: each step's activated input rebuilt in backward
+        steps = ((self.bn2, self.conv2), (self.bn3, self.conv3))  # 3x3 strided, then 1x1
+        if self.shortcut is None:
+            f = _pre_activated(((self.bn1, self.conv1), *steps), x, lean)  # (N, C_out, H, W)
+            s = x  # identity
+        else:  # the projection needs the activated input itself
+            a = _bn_relu(self.bn1, x)  # pre-activation, (N, C_in, H, W)
+            f = _pre_activated(steps, call_conv(self.conv1, a), lean)  # (N, C_out, H', W')
+            s = call_conv(self.shortcut, a)  # (N, C_out, H', W')
         if return_maps:
             return f + s, {"F": f}
         return f.add_(s)  # in place on conv3's fresh output

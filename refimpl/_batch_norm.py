@@ -1,0 +1,91 @@
+"""Batch norm in training done by hand, exactly as the layer does it (issue 13).
+
+The lean training paths (:mod:`refimpl.feature_fusion._lean`, the residual unit's
+:class:`refimpl.residual_attention.torch_module._PreActivated`) write their own backward
+and so cannot call a batch norm as a module. They take that path only where the layer is
+plain (:func:`plain_batch_norm`), and then run what its ``forward`` runs: the same ATen
+kernel (``native_batch_norm``), the same momentum rule and ``num_batches_tracked`` count
+(:func:`batch_norm_train`); their backward calls ``native_batch_norm_backward``, the kernel
+autograd calls for the layer. Any other layer (``nn.SyncBatchNorm``, whose statistics and
+backward talk to the other processes; a subclass; a hooked layer) takes the general path,
+which calls it as a module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def plain_module(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs nothing but its ``forward``: no hooks of its own, and no
+    global module hooks."""
+    from torch.nn.modules import module as module_globals
+
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+        return False
+    if getattr(m, "_backward_pre_hooks", None):
+        return False
+    return not any(getattr(module_globals, name, None) for name in _GLOBAL_HOOKS)
+
+
+def plain_batch_norm(bn: nn.Module) -> bool:
+    """Whether ``bn`` is exactly ``nn.BatchNorm2d``, training with batch statistics, affine,
+    and :func:`plain_module`."""
+    if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.affine:
+        return False
+    return plain_module(bn)
+
+
+def momentum(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """The running statistics ``bn`` updates in training and the factor it updates them
+    with, counting the batch as ``bn.forward`` does (``num_batches_tracked``, and the
+    cumulative average when ``momentum`` is None)."""
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    else:
+        factor = 0.0 if bn.momentum is None else bn.momentum
+    if not bn.track_running_stats:
+        return None, None, factor
+    return bn.running_mean, bn.running_var, factor
+
+
+def batch_norm_train(
+    bn: nn.BatchNorm2d, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bn(t)`` in training by the layer's own kernel, and the batch mean and inverse
+    deviation; the running statistics move as the layer moves them. ``t``: channels in dim
+    1 ((N, C) or a map).
+
+    Raises:
+        ValueError: one value per channel, as the layer raises it (``F.batch_norm``).
+    """
+    if t.numel() <= t.shape[1]:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {t.size()}"
+        )
+    running_mean, running_var, factor = momentum(bn)
+    return torch.native_batch_norm(t, weight, bias, running_mean, running_var, True, factor, bn.eps)
+
+
+def batch_norm_backward(
+    grad: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of a training-mode batch norm's input, weight and bias, given its
+    input ``t``, batch mean and inverse deviation: the kernel autograd runs for the layer."""
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, t, weight, None, None, mean, invstd, True, eps, [True, True, True]
+    )
