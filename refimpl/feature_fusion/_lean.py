@@ -275,6 +275,20 @@ def _global_backward(dg: torch.Tensor, saved: tuple, params: tuple, eps: tuple) 
     return grads, dhg.mm(weight1)  # and dz
 
 
+#: B2's backward is taken apart (see :class:`_Stage`) where (C/r)^2 (N L + C) is below this
+#: many times N L C.
+APART_BELOW = 100
+
+
+def _apart(hidden: int, count: int, channels: int) -> bool:
+    """Whether to take B2's backward apart: with many positions per hidden channel it is
+    linear in dz and r, and du need not be formed: fewer passes over (N, C, L) maps for
+    (C/r)^2 (N L + C) more multiply-adds, which pays where that is below
+    ``APART_BELOW`` N L C (measured, one thread: (8, 256, 28, 28) and (32, 64, 56, 56) yes,
+    (2, 512, 7, 7) no)."""
+    return hidden * hidden * (count + channels) < APART_BELOW * count * channels
+
+
 class _Stage(torch.autograd.Function):
     """One stage with the hand-written backward of the module docstring."""
 
@@ -342,23 +356,31 @@ class _Stage(torch.autograd.Function):
         yv = None if y is None else lay.view(y)
         weight1, weight2 = w1.flatten(1), w2.flatten(1)  # (C/r, C), (C, C/r)
 
-        # Recompute r = delta(B1(h)) and t = PWConv2(r) without its bias; M from t, with
-        # B2 (k2 = gamma2 / sigma2), g and the sigmoid in one addcmul and a sigmoid.
+        # Recompute r = delta(B1(h)), then M from it: z = B2(PWConv2(r)) + g, with
+        # k2 = gamma2 / sigma2, is one product with k2 folded into the weight (or, when
+        # B2's input t = W2 r is kept for its backward, t and one addcmul) and a sigmoid.
         a1 = gamma1 * invstd1
         r = torch.addcmul(lay.chan(beta1 - mean1 * a1), h, lay.chan(a1)).relu_()
-        t = lay.conv(r, weight2)  # W2 r, (N, C, L)
-        mean2_t = mean2 if b2 is None else mean2 - b2  # B2's batch mean, of t
         k2 = gamma2 * invstd2
-        M = torch.addcmul(lay.img(beta2 - k2 * mean2_t + g), t, lay.chan(k2)).sigmoid_()
+        shift2 = -mean2 if b2 is None else b2 - mean2  # B2's input minus its mean: t + shift2
+        count = lay.n * lay.positions  # N L, B2's sample count
+        hidden = r.shape[lay.pos - 1] if lay.last else r.shape[1]
+        apart = _apart(hidden, count, weight2.shape[0])
+        if apart:
+            t = None
+            M = lay.conv(r, weight2 * k2[:, None])  # k2 W2 r
+            M.add_(lay.img(beta2 + k2 * shift2 + g)).sigmoid_()
+        else:
+            t = lay.conv(r, weight2)  # W2 r, (N, C, L)
+            M = torch.addcmul(lay.img(beta2 + k2 * shift2 + g), t, lay.chan(k2)).sigmoid_()
 
         # dM through Eq. (4) / (3), then the sigmoid: dz = dM M (1 - M)
         dz = torch.sub(xv, yv).mul_(dv) if spec.lerp else dv * xv  # dout (X - Y), dout X
         torch.ops.aten.sigmoid_backward.grad_input(dz, M, grad_input=dz)
         # g: added at every position; its branch's backward gives dz_pool, the gradient of
         # GAP(S), which reaches every position of S divided by H W
-        global_grads, dpool = _global_backward(
-            dz.sum(lay.pos), kept_global, ctx.params[8:], ctx.eps[2:]
-        )
+        dg = dz.sum(lay.pos)  # (N, C)
+        global_grads, dpool = _global_backward(dg, kept_global, ctx.params[8:], ctx.eps[2:])
         dpool = lay.img(dpool.div_(lay.positions))
         # the inputs' gradients through the product (and, for S = X, GAP's)
         if spec.lerp:
@@ -367,18 +389,40 @@ class _Stage(torch.autograd.Function):
         else:
             dx, dy = torch.addcmul(dpool, M, dv, out=M), None  # dout M + dGAP
         del M
-        # B2 and B1 with batch statistics: the layers' own backward kernel (what autograd
-        # runs for them), given the saved batch means and inverse deviations
         eps1, eps2 = ctx.eps[:2]
-        du, dgamma2, dbeta2 = batch_norm_backward(
-            lay.dim1(dz), lay.dim1(t), gamma2, mean2_t, invstd2, eps2
-        )
-        del dz, t
-        du = lay.rows_of(du)
-        db2 = None if b2 is None else du.sum(lay.red)
-        dw2 = lay.weight_grad(du, r)  # (C, C/r)
-        dr = lay.conv_t(du, weight2)  # (N, C/r, L)
-        del du
+        if apart:
+            # B2 with batch statistics, du = k2 (dz - dbeta2 / NL - x_hat2 dgamma2 / NL),
+            # x_hat2 = (W2 r + shift2) / sigma2, in terms of dz and r only:
+            #   du  = k2 dz - P (W2 r) - Q,  P = k2 dgamma2 / (sigma2 NL),
+            #                                Q = k2 dbeta2 / NL + P shift2
+            #   dW2 = sum du r^T = k2 G - P (W2 R) - Q (sum r)^T,  G = sum dz r^T,  R = sum r r^T
+            #   dr  = W2^T du = (k2 W2)^T dz - (W2^T P W2) r - W2^T Q
+            # and dgamma2 = sum dz x_hat2 = (rowsum(W2 * G) + shift2 dbeta2) / sigma2.
+            grad_rows = lay.weight_grad(dz, r)  # G, (C, C/r)
+            dr = lay.conv_t(dz, weight2 * k2[:, None])  # (k2 W2)^T dz, (N, C/r, L)
+            del dz
+            gram = lay.weight_grad(r, r)  # R, (C/r, C/r)
+            sum_r = r.sum(lay.red)  # (C/r,)
+            dbeta2 = dg.sum(0)
+            dgamma2 = invstd2 * ((weight2 * grad_rows).sum(1) + shift2 * dbeta2)
+            P = k2 * dgamma2 * invstd2 / count
+            Q = k2 * dbeta2 / count + P * shift2
+            dw2 = k2[:, None] * grad_rows - P[:, None] * (weight2 @ gram) - torch.outer(Q, sum_r)
+            db2 = None if b2 is None else -P * (weight2 @ sum_r + count * shift2)  # sum du
+            dr -= lay.conv_t(r, weight2.t() @ (P[:, None] * weight2))
+            dr -= lay.chan(weight2.t() @ Q)
+        else:
+            # B2 with batch statistics: the layer's own backward kernel (what autograd runs
+            # for it), given its input t (+ b2 in the mean) and batch statistics
+            du, dgamma2, dbeta2 = batch_norm_backward(
+                lay.dim1(dz), lay.dim1(t), gamma2, -shift2, invstd2, eps2
+            )
+            del dz, t
+            du = lay.rows_of(du)
+            db2 = None if b2 is None else du.sum(lay.red)
+            dw2 = lay.weight_grad(du, r)  # (C, C/r)
+            dr = lay.conv_t(du, weight2)  # (N, C/r, L)
+            del du
         dr = torch.ops.aten.threshold_backward(dr, r, 0)  # delta
         dh, dgamma1, dbeta1 = batch_norm_backward(
             lay.dim1(dr), lay.dim1(h), gamma1, mean1, invstd1, eps1
