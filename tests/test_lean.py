@@ -39,9 +39,9 @@ FUSION = {
 LARGE = {"mscam": 1.25, "aff": 2.25, "aff_factor_two": 2.25, "iaff": 3.5, "iaff_share_global": 3.5}
 
 
-#: The autograd nodes that end the two lean paths: the hand-written backward (its result
-#: copied back to NCHW for small NCHW maps), and rerun-and-differentiate.
-HAND_WRITTEN = ("_StageBackward", "_RelayoutBackward")
+#: The autograd nodes that end the two lean paths: the hand-written backward, and
+#: rerun-and-differentiate.
+HAND_WRITTEN = ("_StageBackward",)
 LEAN_NODES = (*HAND_WRITTEN, "RecomputeBackward")
 
 

@@ -75,45 +75,6 @@ def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | 
     return None
 
 
-#: Below this many positions per map, NCHW maps go through the lean path as channels_last
-#: (N, L, C) rows (:func:`enter`, :func:`leave`): with so few positions the matrix products
-#: of the (N, C, L) stack are 1.2-1.5 times slower (one thread, (2, 512, 7, 7)) than one
-#: product on the rows, and the copies in and out cost less than that.
-ROWS_BELOW = 14 * 14
-
-
-class _Relayout(torch.autograd.Function):
-    """``t`` copied into ``fmt``; its gradient copied back into ``back``."""
-
-    @staticmethod
-    def forward(ctx, t, fmt, back):  # noqa: ANN001, ANN205
-        ctx.back = back
-        return t.contiguous(memory_format=fmt)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        return grad.contiguous(memory_format=ctx.back), None, None
-
-
-def enter(*maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The maps the lean path computes on: small NCHW maps as channels_last copies (their
-    gradients come back NCHW), all others as they are."""
-    x = maps[0]
-    if x.shape[2] * x.shape[3] >= ROWS_BELOW or not x.is_contiguous():
-        return maps
-    if x.is_contiguous(memory_format=torch.channels_last):  # (also true at 1x1)
-        return maps
-    nchw, last = torch.contiguous_format, torch.channels_last
-    return tuple(_Relayout.apply(t, last, nchw) for t in maps)
-
-
-def leave(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``out`` in the memory format of the module's input ``like`` (undoes :func:`enter`)."""
-    if like.is_contiguous() and not out.is_contiguous():
-        return _Relayout.apply(out, torch.contiguous_format, torch.channels_last)
-    return out
-
-
 class _Layout:
     """A map (N, C, H, W) as a stack of matrices, without a copy.
 
