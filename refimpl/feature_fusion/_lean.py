@@ -97,6 +97,12 @@ class _Layout:
             return rows.contiguous()
         return t.view(self.n, t.shape[1], self.positions)
 
+    def view_of(self, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`view` of a tensor in the canonical layout, always a view (to write into)."""
+        if self.last:
+            return t.permute(0, 2, 3, 1).view(self.n, self.positions, t.shape[1])
+        return t.view(self.n, t.shape[1], self.positions)
+
     def unview(self, v: torch.Tensor) -> torch.Tensor:
         """Back to (N, C, H, W), in the layout ``v`` came from."""
         if self.last:
@@ -282,12 +288,19 @@ class _Stage(torch.autograd.Function):
         a2 = gamma2 * invstd2
         shift = (beta2 - mean2 * a2) + g  # B2's shift plus g(S), (N, C)
         M = torch.addcmul(lay.img(shift), u, lay.chan(a2), out=u).sigmoid_()  # Eq. (3)
+        # The output is a tensor of its own (N, C, H, W), written through a matrix view: a
+        # view returned by a Function could not be changed in place by the caller.
+        out = torch.empty_like(
+            x, memory_format=torch.channels_last if last else torch.contiguous_format
+        )
+        rows = lay.view_of(out)
         if spec.lerp:
-            out = torch.lerp(yv, xv, M, out=M)  # Eq. (4): Y + M (X - Y)
+            torch.lerp(yv, xv, M, out=rows)  # Eq. (4): Y + M (X - Y)
             if spec.factor != 1:
-                out.mul_(spec.factor)
+                rows.mul_(spec.factor)
         else:
-            out = M.mul_(xv)  # Eq. (3): X M
+            torch.mul(M, xv, out=rows)  # Eq. (3): X M
+        del M
 
         ctx.spec, ctx.last = spec, last
         ctx.eps = (bn1.eps, bn2.eps, spec.glob.bn1.eps, spec.glob.bn2.eps)
@@ -297,7 +310,7 @@ class _Stage(torch.autograd.Function):
         ctx.save_for_backward(
             x, y, kept_s, g, h, mean1, invstd1, mean2, invstd2, *kept_global
         )  # fmt: skip
-        return lay.unview(out)
+        return out
 
     @staticmethod
     def backward(ctx, dout):  # noqa: ANN001, ANN205
