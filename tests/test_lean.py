@@ -123,6 +123,10 @@ def test_saved_for_backward_float64_and_channels_last(name) -> None:
     name="iaff_share_global", n=2, c=1, h=1, w=1, seed=0, channels_last=False,
     general=False, momentum=0.1, bias=True, apart=10**9,
 )  # fmt: skip
+@example(  # hidden width 1: gradients from 1e-1 to 1e3, rounding 2e-13 of the largest
+    name="iaff", n=3, c=3, h=5, w=1, seed=40, channels_last=False,
+    general=False, momentum=0.1, bias=True, apart=0,
+)  # fmt: skip
 def test_lean_equals_plain_autograd(
     name, n, c, h, w, seed, channels_last, general, momentum, bias, apart
 ) -> None:
@@ -140,6 +144,7 @@ def test_lean_equals_plain_autograd(
 
 def _lean_equals_plain(name, n, c, h, w, seed, channels_last, general, momentum, bias) -> None:  # noqa: ANN001
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(seed)  # the weights too: a failing example reproduces
     lean = _build(name, c, torch.float64, bias=bias)
     for bn in (m for m in lean.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.momentum = momentum
@@ -168,7 +173,10 @@ def _lean_equals_plain(name, n, c, h, w, seed, channels_last, general, momentum,
             for v in (a, b):
                 assert v.abs().max().item() <= 1e-10 * scale, (name, pname)
             continue
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{name}: grad of {pname}")
+        # 1e-12 of the step's largest gradient: rounding flows between the gradients, and
+        # with a hidden width of 1 some reach 1e3 while others are 1e-1 (the example)
+        atol = 1e-12 * scale
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=atol, msg=f"{name}: grad of {pname}")
     for (bname, a), b in zip(lean.named_buffers(), plain.buffers(), strict=True):
         # the same ATen statistics kernel on maps equal to rounding (iAFF's X (+) Y)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14, msg=f"{name}: {bname} after a step")
