@@ -12,9 +12,11 @@ One *stage* is Eq. (3)'s weights on a map S, and what the module makes of them:
                                           each of iAFF's two stages, Eqs. (4)-(5)
 
 with S = X (MS-CAM), S = X + Y (AFF, iAFF's first stage) or S = X (+) Y (iAFF's second
-stage). Saved for backward: the inputs, h, the global branch's (N, C)-sized matrices and the
-batch norms' batch means and inverse deviations; so MS-CAM saves 1.25 bytes per byte of X, AFF 2.25
-and iAFF 3.5 (issue 13's bounds: 1.5, 2.5 and 4.0).
+stage). Saved for backward: X, and for a soft selection X + Y instead of Y (backward needs
+X - Y = 2 X - (X + Y), and the sum is formed anyway for the weights; Y's gradient reaches it
+through the sum), X (+) Y in iAFF's second stage, h, the global branch's (N, C)-sized
+matrices and the batch norms' batch means and inverse deviations; so MS-CAM saves 1.25
+bytes per byte of X, AFF 2.25 and iAFF 3.5 (issue 13's bounds: 1.5, 2.5 and 4.0).
 
 Why by hand: :class:`refimpl._recompute.Recompute` (the general path) runs the stage's
 forward again in backward with a graph and lets autograd differentiate it; that costs a
@@ -30,6 +32,9 @@ needs no full-size gradient of its own (dGAP joins dS in the same product):
     dg  = sum over positions of dz                        g is added at every position
     du  = B2's backward of dz;  dr = PWConv2^T du;  dh = B1's backward of delta's
     dS  = PWConv1^T dh + dGAP / (H W)
+
+(with many positions per hidden channel, B2's backward is taken apart so that du is never
+formed: :func:`_apart`).
 
 The batch norms run as the layers run them, through the same ATen kernels
 (``native_batch_norm``, ``batch_norm_update_stats``, ``native_batch_norm_backward``) with
@@ -117,11 +122,14 @@ class _Layout:
         """An (N, C) matrix broadcast over positions."""
         return t.view(self.n, 1, -1) if self.last else t.view(self.n, -1, 1)
 
-    def conv(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The 1x1 convolution with ``weight`` (O, I): (N, I, L) -> (N, O, L)."""
+    def conv(
+        self, v: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The 1x1 convolution with ``weight`` (O, I): (N, I, L) -> (N, O, L), into
+        ``out`` if given."""
         if self.last:
-            return torch.matmul(v, weight.t())
-        return torch.bmm(weight.expand(self.n, -1, -1), v)
+            return torch.matmul(v, weight.t(), out=out)
+        return torch.bmm(weight.expand(self.n, -1, -1), v, out=out)
 
     def conv_t(
         self, v: torch.Tensor, weight: torch.Tensor, plus: torch.Tensor | None = None
@@ -176,34 +184,43 @@ def _params(branch: nn.Module) -> list[torch.Tensor | None]:
 class Stage:
     """What one stage is: its two context branches, and what it makes of M.
 
-    ``lerp``: out = factor (Y + M (X - Y)), else out = X M. ``s_is_sum``: the S given to
-    :func:`stage` is X + Y (not saved: backward adds dS to dX and dY); otherwise a given S
-    is a map of its own (iAFF's X (+) Y: saved, with a gradient of its own).
+    ``lerp``: out = factor (Y + M (X - Y)), else out = X M (MS-CAM).
     """
 
     local: nn.Module
     glob: nn.Module
     lerp: bool
     factor: float = 1.0
-    s_is_sum: bool = False
 
     def plain(
-        self, x: torch.Tensor, y: torch.Tensor | None, s: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        s: torch.Tensor | None,
+        att: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The stage on the plain autograd graph (batch norms called as modules): double
-        backward differentiates this."""
-        if s is None:
-            s = x + y if self.lerp else x
-        M = self.local.logits(s, self.glob.vector(s), gate=True)  # Eq. (3)
-        out = torch.lerp(y, x, M) if self.lerp else x * M
+        """The stage on the plain autograd graph (batch norms called as modules), in terms
+        of the maps it saves (y unused: Y = S - X): double backward differentiates this."""
+        if not self.lerp:
+            M = self.local.logits(x, self.glob.vector(x), gate=True)  # Eq. (3)
+            return x * M
+        a = s if att is None else att
+        M = self.local.logits(a, self.glob.vector(a), gate=True)  # Eq. (3)
+        out = torch.lerp(s - x, x, M)  # Eq. (4) with Y = S - X
         return out * self.factor if self.factor != 1 else out
 
 
 def stage(
-    spec: Stage, x: torch.Tensor, y: torch.Tensor | None, s: torch.Tensor | None
+    spec: Stage,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    att: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run one stage (see the module docstring) on (N, C, H, W) maps."""
-    return _Stage.apply(spec, x, y, s, *_params(spec.local), *_params(spec.glob))
+    """Run one stage (see the module docstring) on (N, C, H, W) maps: MS-CAM on ``x``; a
+    soft selection between ``x`` and ``y`` with their sum ``s`` = X + Y given, whose weights
+    come from ``s`` itself or from ``att`` (iAFF's X (+) Y)."""
+    return _Stage.apply(spec, x, y, s, att, *_params(spec.local), *_params(spec.glob))
 
 
 def _global_forward(
@@ -260,14 +277,15 @@ class _Stage(torch.autograd.Function):
     """One stage with the hand-written backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, spec, x, y, s, *params):  # noqa: ANN001, ANN205
+    def forward(ctx, spec, x, y, s, att, *params):  # noqa: ANN001, ANN205
         w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params[:8]  # the local branch's
-        maps = [t for t in (x, y, s) if t is not None]
+        maps = [t for t in (x, y, s, att) if t is not None]
         last = bool(fast_layout((spec.local, spec.glob), *maps))
         lay = _Layout(last, x.shape)
         xv = lay.view(x)
         yv = None if y is None else lay.view(y)
-        sv = lay.view(s) if s is not None else (xv + yv if spec.lerp else xv)
+        # the map the weights are computed on: X (MS-CAM), X + Y, or X (+) Y
+        sv = lay.view(x if s is None else s if att is None else att)
         bn1, bn2 = spec.local.bn1, spec.local.bn2
 
         # g(S): the global branch on the pooled (N, C) descriptor, Eq. (1)
@@ -278,7 +296,13 @@ class _Stage(torch.autograd.Function):
             h.add_(lay.chan(b1))
         r, mean1, invstd1 = batch_norm_train(bn1, lay.dim1(h), gamma1, beta1)
         r = lay.rows_of(r).relu_()  # delta(B1(h))
-        u = lay.conv(r, w2.flatten(1))  # (N, C, L)
+        # The output is a tensor of its own (N, C, H, W) (a view made inside a Function could
+        # not be changed in place by the caller); PWConv2 writes into it through a matrix
+        # view, and the rest of Eqs. (3)-(4) happens there in place: no other buffer.
+        out = torch.empty_like(
+            x, memory_format=torch.channels_last if last else torch.contiguous_format
+        )
+        u = lay.conv(r, w2.flatten(1), out=lay.view_of(out))  # (N, C, L), in out
         if b2 is not None:
             u.add_(lay.chan(b2))
         # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
@@ -288,37 +312,31 @@ class _Stage(torch.autograd.Function):
         a2 = gamma2 * invstd2
         shift = (beta2 - mean2 * a2) + g  # B2's shift plus g(S), (N, C)
         M = torch.addcmul(lay.img(shift), u, lay.chan(a2), out=u).sigmoid_()  # Eq. (3)
-        # The output is a tensor of its own (N, C, H, W), written through a matrix view: a
-        # view returned by a Function could not be changed in place by the caller.
-        out = torch.empty_like(
-            x, memory_format=torch.channels_last if last else torch.contiguous_format
-        )
-        rows = lay.view_of(out)
         if spec.lerp:
-            torch.lerp(yv, xv, M, out=rows)  # Eq. (4): Y + M (X - Y)
+            torch.lerp(yv, xv, M, out=M)  # Eq. (4): Y + M (X - Y)
             if spec.factor != 1:
-                rows.mul_(spec.factor)
+                M.mul_(spec.factor)
         else:
-            torch.mul(M, xv, out=rows)  # Eq. (3): X M
-        del M
+            M.mul_(xv)  # Eq. (3): X M
+        del M, u
 
         ctx.spec, ctx.last = spec, last
         ctx.eps = (bn1.eps, bn2.eps, spec.glob.bn1.eps, spec.glob.bn2.eps)
         ctx.params = params  # leaves: used, not saved
         save_autocast(ctx, x.device.type)
-        kept_s = None if spec.s_is_sum else s
-        ctx.save_for_backward(
-            x, y, kept_s, g, h, mean1, invstd1, mean2, invstd2, *kept_global
-        )  # fmt: skip
+        # Y is not kept: backward needs X - Y = 2 X - S, and S (X + Y, formed by the caller
+        # for both branches' input) is kept instead
+        ctx.save_for_backward(x, s, att, g, h, mean1, invstd1, mean2, invstd2, *kept_global)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # noqa: ANN001, ANN205
-        x, y, s, g, h, mean1, invstd1, mean2, invstd2, *kept_global = ctx.saved_tensors
+        x, s, att, g, h, mean1, invstd1, mean2, invstd2, *kept_global = ctx.saved_tensors
         spec: Stage = ctx.spec
         if torch.is_grad_enabled():  # double backward: differentiate the plain graph
             modules = (spec.local, spec.glob)
-            grads = rerun_and_grad(ctx, spec.plain, modules, (x, y, s), ctx.params, 1, dout)
+            inputs = (x, None, s, att)  # Y's gradient reaches it through S = X + Y
+            grads = rerun_and_grad(ctx, spec.plain, modules, inputs, ctx.params, 1, dout)
             return (None, *grads)
         w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = ctx.params[:8]
         lay = _Layout(ctx.last, x.shape)
@@ -327,7 +345,7 @@ class _Stage(torch.autograd.Function):
         if spec.factor != 1:
             dv = dv * spec.factor
         xv = lay.view(x)
-        yv = None if y is None else lay.view(y)
+        sv = None if s is None else lay.view(s)
         weight1, weight2 = w1.flatten(1), w2.flatten(1)  # (C/r, C), (C, C/r)
 
         # Recompute r = delta(B1(h)), then M from it: z = B2(PWConv2(r)) + g, with
@@ -349,19 +367,24 @@ class _Stage(torch.autograd.Function):
             M = torch.addcmul(lay.img(beta2 + k2 * shift2 + g), t, lay.chan(k2)).sigmoid_()
 
         # dM through Eq. (4) / (3), then the sigmoid: dz = dM M (1 - M)
-        dz = torch.sub(xv, yv).mul_(dv) if spec.lerp else dv * xv  # dout (X - Y), dout X
+        if spec.lerp:  # dout (X - Y), with X - Y = 2 X - S
+            dz = torch.lerp(sv, xv, 2.0).mul_(dv)
+        else:  # dout X
+            dz = dv * xv
         torch.ops.aten.sigmoid_backward.grad_input(dz, M, grad_input=dz)
         # g: added at every position; its branch's backward gives dz_pool, the gradient of
         # GAP(S), which reaches every position of S divided by H W
         dg = dz.sum(lay.pos)  # (N, C)
         global_grads, dpool = _global_backward(dg, kept_global, ctx.params[8:], ctx.eps[2:])
         dpool = lay.img(dpool.div_(lay.positions))
-        # the inputs' gradients through the product (and, for S = X, GAP's)
+        # the inputs' gradients through the product (and, for S = X, GAP's). A soft selection
+        # as a function of X and S: out = (S - X) + M (2 X - S), so d/dX = dout (2 M - 1),
+        # d/dS = dout (1 - M) (S's gradient reaches X and Y through S = X + Y)
         if spec.lerp:
-            dx = dv * M  # dout M
-            dy = torch.sub(dv, dx, out=M)  # dout (1 - M)
+            ds = torch.addcmul(dv, dv, M, value=-1, out=M)  # dout (1 - M)
+            dx = torch.add(dv, ds, alpha=-2)  # dout (2 M - 1)
         else:
-            dx, dy = torch.addcmul(dpool, M, dv, out=M), None  # dout M + dGAP
+            dx, ds = torch.addcmul(dpool, M, dv, out=M), None  # dout M + dGAP
         del M
         eps1, eps2 = ctx.eps[:2]
         if apart:
@@ -403,26 +426,26 @@ class _Stage(torch.autograd.Function):
         )
         dh = lay.rows_of(dh)
         db1 = None if b1 is None else dh.sum(lay.red)
-        # PWConv1: its weight's gradient against S; dS = PWConv1^T dh (+ dGAP) to the inputs
-        if s is not None:  # S = X (+) Y, a map of its own
-            dw1 = lay.weight_grad(dh, lay.view(s))
-            ds = lay.unview(lay.conv_t(dh, weight1, dpool))
-        elif spec.lerp:  # S = X + Y: formed again (one pass, not a second product)
-            dw1 = lay.weight_grad(dh, torch.add(xv, yv))
-            ds = lay.conv_t(dh, weight1, dpool)
-            dx.add_(ds)
-            dy.add_(ds)
-            ds = None
-        else:  # S = X
+        # PWConv1: its weight's gradient against the map the weights came from, and the
+        # gradient into that map, PWConv1^T dh (+ dGAP)
+        datt = None
+        if not spec.lerp:  # the map is X
             dw1 = lay.weight_grad(dh, xv)
             lay.add_conv_t(dx, dh, weight1)
-            ds = None
+        elif att is None:  # the map is S
+            dw1 = lay.weight_grad(dh, sv)
+            lay.add_conv_t(ds, dh, weight1)
+            ds.add_(dpool)
+        else:  # the map is X (+) Y, an input of its own
+            dw1 = lay.weight_grad(dh, lay.view(att))
+            datt = lay.unview(lay.conv_t(dh, weight1, dpool))
         local_grads = (dw1.view_as(w1), db1, dgamma1, dbeta1, dw2.view_as(w2), db2, dgamma2, dbeta2)
         return (
             None,
             lay.unview(dx),
-            None if dy is None else lay.unview(dy),
-            ds,
+            None,  # Y: through S
+            None if ds is None else lay.unview(ds),
+            datt,
             *local_grads,
             *global_grads,
         )
