@@ -60,20 +60,22 @@ kernels (statistics, running-statistics update, backward), any other layer (``nn
 after ``convert_sync_batchnorm``, a hooked or subclassed one) called as a module; only eval
 mode folds them, reading the layers' buffers.
 Saved for backward in training (issue 13; per byte of ONE input X, parameters excluded): each
-attention stage (MS-CAM's one, AFF's one, iAFF's two) saves its inputs, PWConv1's output
-(C/r channels) and (N, C)-sized vectors, and recomputes the rest in backward: MS-CAM 1.25
-(was 3.50), AFF 2.25 (was 5.5; the popular code 6.5), iAFF 3.5 (was 9.0; the popular code
-11.0). Where every batch norm is a plain ``nn.BatchNorm2d`` (and the maps float32/float64,
-outside autocast) a stage is one autograd Function with a hand-written backward, global
-branch included, that calls the layers' own ATen kernels (:mod:`refimpl.feature_fusion._lean`);
+attention stage (MS-CAM's one, AFF's one, iAFF's two) saves X, X + Y in place of Y (and
+iAFF's second stage X (+) Y), PWConv1's output (C/r channels) and (N, C)-sized vectors, and
+recomputes the rest in backward: MS-CAM 1.25 (was 3.50), AFF 2.25 (was 5.5; the popular code
+6.5), iAFF 3.5 (was 9.0; the popular code 11.0). Where every batch norm is a plain
+``nn.BatchNorm2d`` (and the maps float32/float64, NCHW- or channels_last-contiguous, outside
+autocast) a stage is one autograd Function with a hand-written backward, global branch
+included, that calls the layers' own ATen kernels (:mod:`refimpl.feature_fusion._lean`);
 otherwise (``nn.SyncBatchNorm``, a hooked or subclassed layer, half precision) the stage runs
 again in backward with its graph recorded (:class:`refimpl._recompute.Recompute`), calling
 every batch norm as a module. ``recompute=False`` keeps the whole graph.
 ``torch.compile``/``torch.export`` and eval mode take the plain graph. Against an eager
-transcription of the popular code (one thread, ``python -m refimpl bench``): forward 1.0-3.3
-times as fast; a training step (forward and backward) as fast or faster at (8, 256, 28, 28)
-and (32, 64, 56, 56), and 0.75-0.9 times its speed at (2, 512, 7, 7), where the one matrix
-product recomputed in backward is not paid back: see ``benchmarks/RESULTS.md``.
+transcription of the popular code (one thread, ``python -m refimpl bench``, one run): forward
+1.0-4.4 times as fast; a training step 1.8-2.6 times as fast at (32, 64, 56, 56), 0.93-0.99
+at (8, 256, 28, 28) (within the spread between runs), and 0.81-0.85 at (2, 512, 7, 7), where
+the matrix product recomputed in backward (seven per step against six) is not paid back:
+see ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
