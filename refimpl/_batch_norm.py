@@ -13,8 +13,12 @@ which calls it as a module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from refimpl._torch_checks import autocast_enabled
 
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
@@ -42,6 +46,12 @@ def plain_batch_norm(bn: nn.Module) -> bool:
     if type(bn) is not nn.BatchNorm2d or not bn.training or not bn.affine:
         return False
     return plain_module(bn)
+
+
+def by_hand(x: torch.Tensor) -> bool:
+    """Whether a hand-written backward may run on ``x``: float32 or float64 (half precision
+    keeps torch's own kernels and their accumulation types), outside autocast."""
+    return x.dtype in (torch.float32, torch.float64) and not autocast_enabled(x)
 
 
 def momentum(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
@@ -89,3 +99,18 @@ def batch_norm_backward(
     return torch.ops.aten.native_batch_norm_backward(
         grad, t, weight, None, None, mean, invstd, True, eps, [True, True, True]
     )
+
+
+def relu_batch_norm(
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    chan: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """relu(bn(t)) rebuilt in backward from the batch statistics of the forward: with
+    k = weight / sigma, bn(t) = k t + (bias - k mean), one ``addcmul`` and an in-place ReLU.
+    ``chan`` views a (C,) vector to broadcast over ``t``'s channels."""
+    k = weight * invstd
+    return torch.addcmul(chan(bias - mean * k), t, chan(k)).relu_()

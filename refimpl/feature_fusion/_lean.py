@@ -57,11 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl._batch_norm import batch_norm_backward, batch_norm_train, momentum, plain_batch_norm
+from refimpl._batch_norm import (
+    batch_norm_backward,
+    batch_norm_train,
+    by_hand,
+    momentum,
+    plain_batch_norm,
+    relu_batch_norm,
+)
 from refimpl._recompute import rerun_and_grad, save_autocast
-from refimpl._torch_checks import autocast_enabled
-
-_FLOATS = (torch.float32, torch.float64)
 
 
 def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | None:
@@ -69,7 +73,7 @@ def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | 
     channels_last), or None where it does not apply (the general path then): ``branches``
     are the stage's context branches, whose batch norms must all be plain."""
     x = maps[0]
-    if x.dtype not in _FLOATS or autocast_enabled(x):
+    if not by_hand(x):
         return None
     if not all(plain_batch_norm(b.bn1) and plain_batch_norm(b.bn2) for b in branches):
         return None
@@ -242,7 +246,7 @@ def _global_backward(dg: torch.Tensor, saved: tuple, params: tuple, eps: tuple) 
     z, hg, ug, mean1, invstd1, mean2, invstd2 = saved
     w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params
     weight1, weight2 = w1.flatten(1), w2.flatten(1)
-    rg = torch.addcmul(beta1 - mean1 * gamma1 * invstd1, hg, gamma1 * invstd1).relu_()
+    rg = relu_batch_norm(hg, gamma1, beta1, mean1, invstd1, lambda v: v)
     dug, dgamma2, dbeta2 = batch_norm_backward(dg, ug, gamma2, mean2, invstd2, eps[1])
     drg = torch.ops.aten.threshold_backward(dug.mm(weight2), rg, 0)
     dhg, dgamma1, dbeta1 = batch_norm_backward(drg, hg, gamma1, mean1, invstd1, eps[0])
@@ -351,8 +355,7 @@ class _Stage(torch.autograd.Function):
         # Recompute r = delta(B1(h)), then M from it: z = B2(PWConv2(r)) + g, with
         # k2 = gamma2 / sigma2, is one product with k2 folded into the weight (or, when
         # B2's input t = W2 r is kept for its backward, t and one addcmul) and a sigmoid.
-        a1 = gamma1 * invstd1
-        r = torch.addcmul(lay.chan(beta1 - mean1 * a1), h, lay.chan(a1)).relu_()
+        r = relu_batch_norm(h, gamma1, beta1, mean1, invstd1, lay.chan)
         k2 = gamma2 * invstd2
         shift2 = -mean2 if b2 is None else b2 - mean2  # B2's input minus its mean: t + shift2
         count = lay.n * lay.positions  # N L, B2's sample count

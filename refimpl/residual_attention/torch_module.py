@@ -92,12 +92,14 @@ from torch import nn
 from refimpl._batch_norm import (
     batch_norm_backward,
     batch_norm_train,
+    by_hand,
     plain_batch_norm,
     plain_module,
+    relu_batch_norm,
 )
 from refimpl._checks import check_choice, check_positive_int
 from refimpl._recompute import recompute, rerun_and_grad
-from refimpl._torch_checks import autocast_enabled, call_conv, check_torch_input
+from refimpl._torch_checks import call_conv, check_torch_input
 from refimpl.residual_attention._pooling import (
     MAX_POOL,
     check_pooling,
@@ -211,8 +213,7 @@ class _PreActivated(torch.autograd.Function):
             bn, conv = steps[j]
             x, mean, invstd = kept[3 * j : 3 * j + 3]
             gamma, beta, weight = params[3 * j : 3 * j + 3]
-            k = gamma * invstd  # bn(x) = k x + (beta - k mean), per channel
-            a = torch.addcmul((beta - mean * k)[:, None, None], x, k[:, None, None]).relu_()
+            a = relu_batch_norm(x, gamma, beta, mean, invstd, lambda v: v[:, None, None])
             da, dweight, _ = torch.ops.aten.convolution_backward(
                 df, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0],
                 conv.groups, [True, True, False],
@@ -304,9 +305,7 @@ class ResidualUnit(nn.Module):
         float32/float64 outside autocast, not traced or compiled."""
         if not (self.training and torch.is_grad_enabled()):
             return False
-        if x.dtype not in (torch.float32, torch.float64):
-            return False
-        if autocast_enabled(x):
+        if not by_hand(x):
             return False
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
