@@ -188,12 +188,14 @@ def _params(branch: nn.Module) -> list[torch.Tensor | None]:
 class Stage:
     """What one stage is: its two context branches, and what it makes of M.
 
-    ``lerp``: out = factor (Y + M (X - Y)), else out = X M (MS-CAM).
+    ``lerp``: out = factor (Y + M (X - Y)), else out = X M (MS-CAM). ``last``: the layout
+    :func:`fast_layout` found for the module's inputs (the maps a stage makes keep it).
     """
 
     local: nn.Module
     glob: nn.Module
     lerp: bool
+    last: bool
     factor: float = 1.0
 
     def plain(
@@ -283,8 +285,7 @@ class _Stage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, x, y, s, att, *params):  # noqa: ANN001, ANN205
         w1, b1, gamma1, beta1, w2, b2, gamma2, beta2 = params[:8]  # the local branch's
-        maps = [t for t in (x, y, s, att) if t is not None]
-        last = bool(fast_layout((spec.local, spec.glob), *maps))
+        last = spec.last  # found once by the module (fast_layout)
         lay = _Layout(last, x.shape)
         xv = lay.view(x)
         yv = None if y is None else lay.view(y)

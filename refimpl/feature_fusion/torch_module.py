@@ -456,8 +456,9 @@ class MSCAM(nn.Module):
         the rest of Eq. (3) runs again in backward (:mod:`refimpl.feature_fusion._lean`,
         or :class:`refimpl._recompute.Recompute` where the batch norms are not plain)."""
         local = self.local_att
-        if fast_layout((local, self.global_att), x) is not None:
-            return stage(Stage(local, self.global_att, lerp=False), x)
+        last = fast_layout((local, self.global_att), x)
+        if last is not None:
+            return stage(Stage(local, self.global_att, lerp=False, last=last), x)
         g = self.global_att.vector(x)  # g(X), (N, C), plain autograd (small)
         h = _conv1x1(_flat(x), local.conv1.weight.flatten(1), local.conv1.bias)  # PWConv1
 
@@ -534,9 +535,10 @@ class AFF(nn.Module):
         """Z of Eq. (4); with ``return_maps`` also ``{"L": ..., "g": ..., "M": M(X + Y)}``."""
         _check_pair(self, x, y, "AFF")
         if not return_maps and _lean(self, x, y):
-            if fast_layout((self.local_att, self.global_att), x, y) is not None:
+            last = fast_layout((self.local_att, self.global_att), x, y)
+            if last is not None:
                 factor = 2.0 if self.factor_two else 1.0
-                spec = Stage(self.local_att, self.global_att, lerp=True, factor=factor)
+                spec = Stage(self.local_att, self.global_att, True, last, factor)
                 return stage(spec, x, y, x + y)  # Eq. (4), weights from X + Y
             g = self.global_att.vector(x + y)  # g(X + Y), (N, C), plain autograd (small)
             return _recompute(self._fuse, (self.local_att,), x, y, g)
@@ -647,10 +649,11 @@ class IAFF(nn.Module):
         or :class:`refimpl._recompute.Recompute` where the batch norms are not plain)."""
         local1, local2 = self.local_att, self.local_att2
         global1, global2 = self.global_att, self.global_context2
-        if fast_layout((local1, global1, local2, global2), x, y) is not None:
+        last = fast_layout((local1, global1, local2, global2), x, y)
+        if last is not None:
             s = x + y
-            XY = stage(Stage(local1, global1, lerp=True), x, y, s)  # Eq. (5): X (+) Y
-            return stage(Stage(local2, global2, lerp=True), x, y, s, XY)  # Eq. (4), M_2(XY)
+            XY = stage(Stage(local1, global1, True, last), x, y, s)  # Eq. (5): X (+) Y
+            return stage(Stage(local2, global2, True, last), x, y, s, XY)  # Eq. (4), M_2(XY)
 
         def run1(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             M1 = local1.logits(x + y, g, gate=True)  # M_1(X + Y)
