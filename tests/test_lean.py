@@ -118,27 +118,30 @@ def test_saved_for_backward_float64_and_channels_last(name) -> None:
     momentum=st.sampled_from([0.1, None]),
     bias=st.booleans(),
     apart=st.sampled_from([0, 10**9]),
+    cnl=st.sampled_from([0, 10**9]),
 )
 @example(  # iAFF's second global branch sees X (+) Y, equal to rounding only: buffers too
     name="iaff_share_global", n=2, c=1, h=1, w=1, seed=0, channels_last=False,
-    general=False, momentum=0.1, bias=True, apart=10**9,
+    general=False, momentum=0.1, bias=True, apart=10**9, cnl=0,
 )  # fmt: skip
 @example(  # hidden width 1: gradients from 1e-1 to 1e3, rounding 2e-13 of the largest
     name="iaff", n=3, c=3, h=5, w=1, seed=40, channels_last=False,
-    general=False, momentum=0.1, bias=True, apart=0,
+    general=False, momentum=0.1, bias=True, apart=0, cnl=0,
 )  # fmt: skip
 def test_lean_equals_plain_autograd(
-    name, n, c, h, w, seed, channels_last, general, momentum, bias, apart
+    name, n, c, h, w, seed, channels_last, general, momentum, bias, apart, cnl
 ) -> None:
     """Output, every gradient (inputs and parameters) and the running statistics after one
     step equal those of the plain graph (``return_maps=True``), float64, to 1e-12: on the
     hand-written path (plain batch norms; B2's backward by its kernel and taken apart,
-    ``apart``) and on the general one (``general``: a hook on every batch norm), with and
-    without conv biases, and the cumulative-average momentum."""
+    ``apart``; NCHW maps as per-image matrices or as (C, N, L), ``cnl``) and on the general
+    one (``general``: a hook on every batch norm), with and without conv biases, and the
+    cumulative-average momentum."""
     import refimpl.feature_fusion._lean as lean_module
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lean_module, "APART_BELOW", apart)
+        patch.setattr(lean_module, "CNL_BELOW", cnl)
         _lean_equals_plain(name, n, c, h, w, seed, channels_last, general, momentum, bias)
 
 
@@ -317,17 +320,19 @@ def test_the_hand_written_path_only_where_it_is_the_whole_story() -> None:
 
 
 @pytest.mark.parametrize("name", FUSION)
-@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (2, 512, 3, 2)])
+@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (2, 512, 3, 2), (2, 32, 10, 12)])
 def test_float32_training_step_is_as_accurate_as_the_plain_graph(name, shape) -> None:
     """In float32, at realistic widths, the hand-written path is as accurate as autograd on
     the plain graph: against the float64 step, its output and every gradient err by at
     most 4 times the plain graph's largest error (plus float32 rounding of the largest
     gradient; the conv biases, whose gradient is exactly 0, within float32 noise of 0).
-    B2's backward is taken apart at the first shape, by its kernel at the second; with 12
-    values per batch-norm channel there, both paths err by up to 1e-3."""
-    from refimpl.feature_fusion._lean import _apart
+    B2's backward is taken apart at the first and third shape, by its kernel at the
+    second; with 12 values per batch-norm channel there, both paths err by up to 1e-3. The
+    first two run as (C, N, L) matrices, the third (120 positions) image by image."""
+    from refimpl.feature_fusion._lean import _apart, _Layout
 
     assert _apart(shape[1] // 4, shape[0] * shape[2] * shape[3], shape[1]) == (shape[1] == 32)
+    assert _Layout(False, torch.Size(shape)).cnl == (shape[2] * shape[3] < 100)
     torch.manual_seed(0)
     lean = _build(name, shape[1])
     plain, exact = copy.deepcopy(lean), copy.deepcopy(lean).double()

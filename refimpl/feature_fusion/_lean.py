@@ -34,7 +34,17 @@ needs no full-size gradient of its own (dGAP joins dS in the same product):
     dS  = PWConv1^T dh + dGAP / (H W)
 
 (with many positions per hidden channel, B2's backward is taken apart so that du is never
-formed: :func:`_apart`).
+formed: :func:`_apart`). The 1x1 convolutions are matrix products on the maps seen as
+matrices (:class:`_Layout`): image by image on NCHW maps, over all images at once on
+channels_last rows and, for NCHW maps of fewer than :data:`CNL_BELOW` positions, on (C, N L)
+matrices.
+
+What this costs, and what it cannot win back: backward has one matrix product more than
+autograd's (PWConv2 again, C x C/r x N L multiply-adds), the price of not keeping M. Where
+those products are most of a step (one CPU thread at 2x512x7x7: each about 0.14 ms of a
+1.5-1.8 ms step) that product alone is 8-9% of the popular code's step, and the Python of
+a hand-written backward adds to it; at 28x28 and 56x56 the saved passes over full-size maps
+outweigh both (``benchmarks/RESULTS.md``).
 
 The batch norms run as the layers run them, through the same ATen kernels
 (``native_batch_norm``, ``batch_norm_update_stats``, ``native_batch_norm_backward``) with
@@ -84,47 +94,99 @@ def fast_layout(branches: tuple[nn.Module, ...], *maps: torch.Tensor) -> bool | 
     return None
 
 
-class _Layout:
-    """A map (N, C, H, W) as a stack of matrices, without a copy.
+#: NCHW maps with fewer positions per image than this are handled as (C, N, L) matrices
+#: (:class:`_Layout`'s CNL mode): one matrix product over all images instead of one per
+#: image. Measured, one thread, a training step of MS-CAM and AFF: 3-5% faster at
+#: 2x512x7x7 (L = 49: the per-image products have 49 columns, and the weight gradients'
+#: products K = 49); 5-9% slower at 14x14, 16x16 and 28x28, where the per-image products
+#: are as fast and CNL's copies of the input (into the products' layout) cost.
+CNL_BELOW = 100
 
-    NCHW: (N, C, L) with L = H W; a 1x1 convolution is ``torch.bmm`` with the weight
-    broadcast over images (no copy of the map). channels_last: (N, L, C) rows; a 1x1
-    convolution is one matrix product on the (N L, C) rows.
+
+class _Layout:
+    """A map (N, C, H, W) as a stack of matrices.
+
+    Three modes, chosen from the maps' layout and size:
+
+    - NCHW: (N, C, L) with L = H W, a view; a 1x1 convolution is ``torch.bmm`` with the
+      weight broadcast over images (no copy of the map).
+    - channels_last: (N, L, C) rows, a view; a 1x1 convolution is one matrix product on the
+      (N L, C) rows.
+    - CNL, for NCHW maps with few positions (:data:`CNL_BELOW`): the stage's own maps are
+      (C, N, L) tensors, so that a 1x1 convolution is one matrix product on (C, N L) over
+      all images. The caller's NCHW maps are seen as (C, N, L) through a permuted view:
+      elementwise ops read them as they lie (L is innermost in both), and only a product
+      copies one (:meth:`mat`); results go back to NCHW tensors (:meth:`to_map`).
     """
 
     def __init__(self, last: bool, shape: torch.Size) -> None:
         self.last = last
         self.n, _, self.h, self.w = shape
         self.positions = self.h * self.w
-        self.red = (0, 1) if last else (0, 2)  # per channel: over images and positions
-        self.pos = 1 if last else 2  # per image and channel: over positions
+        self.cnl = not last and self.positions < CNL_BELOW
+        # per channel: over images and positions; per image and channel: over positions
+        self.red = (0, 1) if last else (1, 2) if self.cnl else (0, 2)
+        self.pos = 1 if last else 2
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, L) or (N, L, C), a view."""
+        """(N, C, H, W) -> (N, C, L), (N, L, C) or (C, N, L): a view (CNL: permuted)."""
         if self.last:  # (contiguous: reshape may keep odd strides where H or W is 1)
             rows = t.permute(0, 2, 3, 1).reshape(self.n, self.positions, t.shape[1])
             return rows.contiguous()
+        if self.cnl:
+            return t.view(self.n, t.shape[1], self.positions).transpose(0, 1)
         return t.view(self.n, t.shape[1], self.positions)
 
     def view_of(self, t: torch.Tensor) -> torch.Tensor:
-        """:meth:`view` of a tensor in the canonical layout, always a view (to write into)."""
+        """:meth:`view` of a tensor in the maps' layout, always a view (to write into)."""
         if self.last:
             return t.permute(0, 2, 3, 1).view(self.n, self.positions, t.shape[1])
-        return t.view(self.n, t.shape[1], self.positions)
+        return self.view(t)
+
+    def channels(self, v: torch.Tensor) -> int:
+        """The channel count of a viewed map."""
+        return v.shape[2] if self.last else v.shape[0] if self.cnl else v.shape[1]
+
+    def mat(self, v: torch.Tensor) -> torch.Tensor:
+        """CNL: (C, N, L) -> (C, N L), copied where ``v`` is an NCHW map's permuted view."""
+        return v.reshape(v.shape[0], -1)
 
     def unview(self, v: torch.Tensor) -> torch.Tensor:
-        """Back to (N, C, H, W), in the layout ``v`` came from."""
+        """Back to (N, C, H, W), in the layout ``v`` came from (CNL: a permuted view)."""
         if self.last:
             return v.view(self.n, self.h, self.w, v.shape[2]).permute(0, 3, 1, 2)
+        if self.cnl:
+            return v.transpose(0, 1).view(self.n, v.shape[0], self.h, self.w)
         return v.view(self.n, v.shape[1], self.h, self.w)
+
+    def to_map(self, v: torch.Tensor, plus: torch.Tensor | None = None) -> torch.Tensor:
+        """``v`` (+ ``plus``, from :meth:`img`) as a map (N, C, H, W) in the maps' layout,
+        in place where ``v`` already is one, else (CNL) in one pass into an NCHW tensor."""
+        if not self.cnl:
+            return self.unview(v if plus is None else v.add_(plus))
+        out = v.new_empty(self.n, v.shape[0], self.h, self.w)
+        if plus is None:
+            self.view(out).copy_(v)
+        else:
+            torch.add(v, plus, out=self.view(out))
+        return out
 
     def chan(self, t: torch.Tensor) -> torch.Tensor:
         """A (C,) vector broadcast over images and positions."""
+        if self.cnl:
+            return t.view(-1, 1, 1)
         return t.view(1, 1, -1) if self.last else t.view(1, -1, 1)
 
     def img(self, t: torch.Tensor) -> torch.Tensor:
         """An (N, C) matrix broadcast over positions."""
+        if self.cnl:
+            return t.t().unsqueeze(2)
         return t.view(self.n, 1, -1) if self.last else t.view(self.n, -1, 1)
+
+    def per_image(self, v: torch.Tensor, mean: bool = False) -> torch.Tensor:
+        """The sum (or mean) over positions, per image and channel: (N, C), contiguous."""
+        t = v.mean(self.pos) if mean else v.sum(self.pos)
+        return t.t().contiguous() if self.cnl else t
 
     def conv(
         self, v: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
@@ -133,17 +195,23 @@ class _Layout:
         ``out`` if given."""
         if self.last:
             return torch.matmul(v, weight.t(), out=out)
+        if self.cnl:
+            o = None if out is None else out.view(weight.shape[0], -1)
+            return torch.mm(weight, self.mat(v), out=o).view(-1, self.n, self.positions)
         return torch.bmm(weight.expand(self.n, -1, -1), v, out=out)
 
     def conv_t(
         self, v: torch.Tensor, weight: torch.Tensor, plus: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Its transpose (the input's gradient): (N, O, L) -> (N, I, L); plus ``plus``, a
-        per-image term from :meth:`img`, in the same product."""
+        per-image term from :meth:`img`, in the same product (CNL: a pass of its own)."""
         if self.last:
             if plus is None:
                 return torch.matmul(v, weight)
             return torch.baddbmm(plus, v, weight.expand(self.n, -1, -1))
+        if self.cnl:
+            out = weight.t().mm(self.mat(v)).view(-1, self.n, self.positions)
+            return out if plus is None else out.add_(plus)
         if plus is None:
             return torch.bmm(weight.t().expand(self.n, -1, -1), v)
         return torch.baddbmm(plus, weight.t().expand(self.n, -1, -1), v)
@@ -152,6 +220,8 @@ class _Layout:
         """``out += conv_t(v, weight)`` in place, one pass over ``out``."""
         if self.last:
             out.view(-1, out.shape[2]).addmm_(v.reshape(-1, v.shape[2]), weight)
+        elif self.cnl:
+            out.view(out.shape[0], -1).addmm_(weight.t(), self.mat(v))
         else:
             out.baddbmm_(weight.t().expand(self.n, -1, -1), v)
 
@@ -159,14 +229,20 @@ class _Layout:
         """The weight's gradient, sum over images and positions of dout v^T: (O, I)."""
         if self.last:
             return dout.reshape(-1, dout.shape[2]).t().mm(v.reshape(-1, v.shape[2]))
+        if self.cnl:
+            return self.mat(dout).mm(self.mat(v).t())
         return torch.bmm(dout, v.transpose(1, 2)).sum(0)
 
     def dim1(self, v: torch.Tensor) -> torch.Tensor:
-        """Channels in dim 1, as the batch norm kernels take them (a view)."""
+        """Channels in dim 1, as the batch norm kernels take them (a view; CNL: (1, C, N L))."""
+        if self.cnl:
+            return v.view(1, v.shape[0], -1)
         return self.unview(v) if self.last else v
 
     def rows_of(self, t: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`dim1`."""
+        if self.cnl:
+            return t.view(t.shape[1], self.n, self.positions)
         return self.view(t) if self.last else t
 
 
@@ -294,7 +370,7 @@ class _Stage(torch.autograd.Function):
         bn1, bn2 = spec.local.bn1, spec.local.bn2
 
         # g(S): the global branch on the pooled (N, C) descriptor, Eq. (1)
-        g, kept_global = _global_forward(sv.mean(lay.pos), params[8:], spec.glob)
+        g, kept_global = _global_forward(lay.per_image(sv, mean=True), params[8:], spec.glob)
         # L(S): PWConv1, B1 (the layer's kernel), delta, PWConv2
         h = lay.conv(sv, w1.flatten(1))  # (N, C/r, L)
         if b1 is not None:
@@ -303,11 +379,13 @@ class _Stage(torch.autograd.Function):
         r = lay.rows_of(r).relu_()  # delta(B1(h))
         # The output is a tensor of its own (N, C, H, W) (a view made inside a Function could
         # not be changed in place by the caller); PWConv2 writes into it through a matrix
-        # view, and the rest of Eqs. (3)-(4) happens there in place: no other buffer.
+        # view, and the rest of Eqs. (3)-(4) happens there in place: no other buffer (CNL: u
+        # is a (C, N, L) buffer, and Eq. (3)/(4)'s last pass writes the NCHW output).
         out = torch.empty_like(
             x, memory_format=torch.channels_last if last else torch.contiguous_format
         )
-        u = lay.conv(r, w2.flatten(1), out=lay.view_of(out))  # (N, C, L), in out
+        final = lay.view_of(out)
+        u = lay.conv(r, w2.flatten(1), out=None if lay.cnl else final)  # (N, C, L)
         if b2 is not None:
             u.add_(lay.chan(b2))
         # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
@@ -318,12 +396,12 @@ class _Stage(torch.autograd.Function):
         shift = (beta2 - mean2 * a2) + g  # B2's shift plus g(S), (N, C)
         M = torch.addcmul(lay.img(shift), u, lay.chan(a2), out=u).sigmoid_()  # Eq. (3)
         if spec.lerp:
-            torch.lerp(yv, xv, M, out=M)  # Eq. (4): Y + M (X - Y)
+            torch.lerp(yv, xv, M, out=final)  # Eq. (4): Y + M (X - Y)
             if spec.factor != 1:
-                M.mul_(spec.factor)
+                final.mul_(spec.factor)
         else:
-            M.mul_(xv)  # Eq. (3): X M
-        del M, u
+            torch.mul(M, xv, out=final)  # Eq. (3): X M
+        del M, u, final
 
         ctx.spec, ctx.last = spec, last
         ctx.eps = (bn1.eps, bn2.eps, spec.glob.bn1.eps, spec.glob.bn2.eps)
@@ -360,7 +438,7 @@ class _Stage(torch.autograd.Function):
         k2 = gamma2 * invstd2
         shift2 = -mean2 if b2 is None else b2 - mean2  # B2's input minus its mean: t + shift2
         count = lay.n * lay.positions  # N L, B2's sample count
-        hidden = r.shape[lay.pos - 1] if lay.last else r.shape[1]
+        hidden = lay.channels(r)
         apart = _apart(hidden, count, weight2.shape[0])
         if apart:
             t = None
@@ -368,17 +446,18 @@ class _Stage(torch.autograd.Function):
             M.add_(lay.img(beta2 + k2 * shift2 + g)).sigmoid_()
         else:
             t = lay.conv(r, weight2)  # W2 r, (N, C, L)
-            M = torch.addcmul(lay.img(beta2 + k2 * shift2 + g), t, lay.chan(k2)).sigmoid_()
+            shift = lay.img(beta2 + k2 * shift2 + g)  # (out=: in t's layout, not shift's)
+            M = torch.addcmul(shift, t, lay.chan(k2), out=torch.empty_like(t)).sigmoid_()
 
         # dM through Eq. (4) / (3), then the sigmoid: dz = dM M (1 - M)
         if spec.lerp:  # dout (X - Y), with X - Y = 2 X - S
-            dz = torch.lerp(sv, xv, 2.0).mul_(dv)
+            dz = torch.lerp(sv, xv, 2.0, out=torch.empty_like(M)).mul_(dv)
         else:  # dout X
-            dz = dv * xv
+            dz = torch.mul(dv, xv, out=torch.empty_like(M))
         torch.ops.aten.sigmoid_backward.grad_input(dz, M, grad_input=dz)
         # g: added at every position; its branch's backward gives dz_pool, the gradient of
         # GAP(S), which reaches every position of S divided by H W
-        dg = dz.sum(lay.pos)  # (N, C)
+        dg = lay.per_image(dz)  # (N, C)
         global_grads, dpool = _global_backward(dg, kept_global, ctx.params[8:], ctx.eps[2:])
         dpool = lay.img(dpool.div_(lay.positions))
         # the inputs' gradients through the product (and, for S = X, GAP's). A soft selection
@@ -386,7 +465,8 @@ class _Stage(torch.autograd.Function):
         # d/dS = dout (1 - M) (S's gradient reaches X and Y through S = X + Y)
         if spec.lerp:
             ds = torch.addcmul(dv, dv, M, value=-1, out=M)  # dout (1 - M)
-            dx = torch.add(dv, ds, alpha=-2)  # dout (2 M - 1)
+            dx_map = torch.empty_like(x, memory_format=fmt)
+            dx = torch.add(dv, ds, alpha=-2, out=lay.view_of(dx_map))  # dout (2 M - 1)
         else:
             dx, ds = torch.addcmul(dpool, M, dv, out=M), None  # dout M + dGAP
         del M
@@ -439,16 +519,20 @@ class _Stage(torch.autograd.Function):
         elif att is None:  # the map is S
             dw1 = lay.weight_grad(dh, sv)
             lay.add_conv_t(ds, dh, weight1)
-            ds.add_(dpool)
+            ds = lay.to_map(ds, dpool)
         else:  # the map is X (+) Y, an input of its own
             dw1 = lay.weight_grad(dh, lay.view(att))
-            datt = lay.unview(lay.conv_t(dh, weight1, dpool))
+            ds = lay.to_map(ds)
+            if lay.cnl:
+                datt = lay.to_map(lay.conv_t(dh, weight1), dpool)
+            else:
+                datt = lay.unview(lay.conv_t(dh, weight1, dpool))
         local_grads = (dw1.view_as(w1), db1, dgamma1, dbeta1, dw2.view_as(w2), db2, dgamma2, dbeta2)
         return (
             None,
-            lay.unview(dx),
+            dx_map if spec.lerp else lay.to_map(dx),
             None,  # Y: through S
-            None if ds is None else lay.unview(ds),
+            ds,
             datt,
             *local_grads,
             *global_grads,
