@@ -719,9 +719,7 @@ def test_modules_are_right_on_thin_bfloat16_maps(comp, shape, autocast):
     of f3 and batch norm too ill-conditioned for a bfloat16 bound)."""
     # The first example defined on maps this thin (Caffe pooling needs H, W >= 2^depth).
     ex = next(
-        e
-        for e in map(comp.make_example, range(50))
-        if e.module_options.get("pooling") != "caffe"
+        e for e in map(comp.make_example, range(50)) if e.module_options.get("pooling") != "caffe"
     )
     module = ex.module
     if getattr(module, "force_mask", None) is not None:
