@@ -161,6 +161,12 @@ def _bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 # The pre-activation residual unit
 
 
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    """A (C,) vector as (C, 1, 1), to broadcast over (N, C, H, W) (a view: cheaper than
+    indexing with None)."""
+    return v.view(-1, 1, 1)
+
+
 class _PreActivated(torch.autograd.Function):
     """A chain of a residual unit's steps ``conv(relu(bn(.)))``, saving each step's input
     (and two C-vectors) only.
@@ -213,7 +219,7 @@ class _PreActivated(torch.autograd.Function):
             bn, conv = steps[j]
             x, mean, invstd = kept[3 * j : 3 * j + 3]
             gamma, beta, weight = params[3 * j : 3 * j + 3]
-            a = relu_batch_norm(x, gamma, beta, mean, invstd, lambda v: v[:, None, None])
+            a = relu_batch_norm(x, gamma, beta, mean, invstd, _per_channel)
             da, dweight, _ = torch.ops.aten.convolution_backward(
                 df, a, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0],
                 conv.groups, [True, True, False],
