@@ -9,6 +9,11 @@ kernel (``native_batch_norm``), the same momentum rule and ``num_batches_tracked
 autograd calls for the layer. Any other layer (``nn.SyncBatchNorm``, whose statistics and
 backward talk to the other processes; a subclass; a hooked layer) takes the general path,
 which calls it as a module.
+
+One exception to "the same kernel", for speed: on CPU, where a channel has many values,
+the batch statistics are computed in a few vectorised passes (:func:`batch_stats`), not by
+the kernel's scalar loop, which is 5 times slower there; the same mean, variance, running
+statistics and ``num_batches_tracked``, to rounding (:data:`STATS_BY_PASSES`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,56 @@ def momentum(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | No
     return bn.running_mean, bn.running_var, factor
 
 
+#: :func:`by_passes`: the devices, and the fewest values per channel, where batch
+#: statistics are computed in passes (:func:`batch_stats`) rather than by the layer's kernel.
+#: Measured on CPU, one thread: ``batch_norm_update_stats`` and ``native_batch_norm`` run a
+#: scalar Welford loop per channel over NCHW maps, 1.8 ms at 8x256x28x28 and 8.2 ms at
+#: 32x64x56x56, where a sum, an in-place subtraction and a sum of squares take 0.34 and 2.9
+#: ms (50 against 33 us at 2x512x7x7). The kernel accumulates in double; the passes in the
+#: map's dtype, whose float32 rounding (a unit or two in the mean) the global branch's
+#: batch norm over N values can amplify where a channel has few values: there, and on
+#: other devices (CUDA's kernel is one fused pass), the kernel is kept.
+STATS_BY_PASSES = ("cpu",)
+STATS_BY_PASSES_FROM = 1024
+
+
+def by_passes(t: torch.Tensor, count: int) -> bool:
+    """Whether :func:`batch_stats` computes the batch statistics of ``t``, ``count`` values per
+    channel (see :data:`STATS_BY_PASSES`)."""
+    return t.device.type in STATS_BY_PASSES and count >= STATS_BY_PASSES_FROM
+
+
+def batch_stats(
+    bn: nn.BatchNorm2d,
+    t: torch.Tensor,
+    red: tuple[int, ...],
+    chan: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch statistics of ``t`` for the training-mode ``bn`` in passes: the per-channel
+    mean (over the dims ``red``) and biased variance; the running statistics move as the
+    layer moves them (:func:`momentum`, the unbiased variance). ``chan`` views a (C,)
+    vector to broadcast over ``t``.
+
+    Passes over the centred values, not one pass over t: the variance is the mean square of
+    the centred values, exact to rounding however far the mean is from 0 (the one-pass
+    E[t^2] - mean^2 is not)."""
+    mean = t.sum(red)
+    count = t.numel() // mean.numel()
+    mean.div_(count)
+    centred = t - chan(mean)
+    # the corrected two-pass algorithm: the centred values' own mean is the rounding error
+    # of the first (the sum runs in t's dtype, the kernel's in double); without it float32
+    # gradients of iAFF erred up to 4 times more than the plain graph's
+    error = centred.sum(red).div_(count)
+    var = centred.mul_(centred).sum(red).div_(count).sub_(error * error)
+    mean.add_(error)
+    running_mean, running_var, factor = momentum(bn)
+    if running_mean is not None and running_var is not None:  # as the layer's kernel does
+        running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        running_var.mul_(1 - factor).add_(var, alpha=factor * count / (count - 1))
+    return mean, var
+
+
 def batch_norm_train(
     bn: nn.BatchNorm2d, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,6 +137,17 @@ def batch_norm_train(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {t.size()}"
         )
+    if t.dim() > 2 and by_passes(t, t.numel() // t.shape[1]):
+        # the statistics in passes; then bn(t) = k t + (bias - k mean), k = weight / sigma,
+        # as the kernel applies it (and as relu_batch_norm rebuilds it), in t's layout
+        def chan(v: torch.Tensor) -> torch.Tensor:
+            return v.view(-1, *(1,) * (t.dim() - 2))
+
+        mean, var = batch_stats(bn, t, (0, *range(2, t.dim())), chan)
+        invstd = torch.rsqrt(var + bn.eps)
+        k = weight * invstd
+        out = torch.addcmul(chan(bias - mean * k), t, chan(k), out=torch.empty_like(t))
+        return out, mean, invstd
     running_mean, running_var, factor = momentum(bn)
     return torch.native_batch_norm(t, weight, bias, running_mean, running_var, True, factor, bn.eps)
 

@@ -119,27 +119,30 @@ def test_saved_for_backward_float64_and_channels_last(name) -> None:
     bias=st.booleans(),
     apart=st.sampled_from([0, 10**9]),
     cnl=st.sampled_from([0, 10**9]),
+    passes=st.booleans(),
 )
 @example(  # iAFF's second global branch sees X (+) Y, equal to rounding only: buffers too
     name="iaff_share_global", n=2, c=1, h=1, w=1, seed=0, channels_last=False,
-    general=False, momentum=0.1, bias=True, apart=10**9, cnl=0,
+    general=False, momentum=0.1, bias=True, apart=10**9, cnl=0, passes=False,
 )  # fmt: skip
 @example(  # hidden width 1: gradients from 1e-1 to 1e3, rounding 2e-13 of the largest
     name="iaff", n=3, c=3, h=5, w=1, seed=40, channels_last=False,
-    general=False, momentum=0.1, bias=True, apart=0, cnl=0,
+    general=False, momentum=0.1, bias=True, apart=0, cnl=0, passes=False,
 )  # fmt: skip
 def test_lean_equals_plain_autograd(
-    name, n, c, h, w, seed, channels_last, general, momentum, bias, apart, cnl
+    name, n, c, h, w, seed, channels_last, general, momentum, bias, apart, cnl, passes
 ) -> None:
     """Output, every gradient (inputs and parameters) and the running statistics after one
     step equal those of the plain graph (``return_maps=True``), float64, to 1e-12: on the
     hand-written path (plain batch norms; B2's backward by its kernel and taken apart,
-    ``apart``; NCHW maps as per-image matrices or as (C, N, L), ``cnl``) and on the general
-    one (``general``: a hook on every batch norm), with and without conv biases, and the
-    cumulative-average momentum."""
+    ``apart``; NCHW maps as per-image matrices or as (C, N, L), ``cnl``; B2's statistics by
+    the kernel or in passes, ``passes``) and on the general one (``general``: a hook on
+    every batch norm), with and without conv biases, and the cumulative-average momentum."""
+    import refimpl._batch_norm as batch_norm_module
     import refimpl.feature_fusion._lean as lean_module
 
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_norm_module, "STATS_BY_PASSES_FROM", 0 if passes else 10**9)
         patch.setattr(lean_module, "APART_BELOW", apart)
         patch.setattr(lean_module, "CNL_BELOW", cnl)
         _lean_equals_plain(name, n, c, h, w, seed, channels_last, general, momentum, bias)
@@ -320,7 +323,7 @@ def test_the_hand_written_path_only_where_it_is_the_whole_story() -> None:
 
 
 @pytest.mark.parametrize("name", FUSION)
-@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (2, 512, 3, 2), (2, 32, 10, 12)])
+@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (2, 512, 3, 2), (2, 32, 10, 12), (4, 32, 16, 16)])
 def test_float32_training_step_is_as_accurate_as_the_plain_graph(name, shape) -> None:
     """In float32, at realistic widths, the hand-written path is as accurate as autograd on
     the plain graph: against the float64 step, its output and every gradient err by at
@@ -328,11 +331,15 @@ def test_float32_training_step_is_as_accurate_as_the_plain_graph(name, shape) ->
     gradient; the conv biases, whose gradient is exactly 0, within float32 noise of 0).
     B2's backward is taken apart at the first and third shape, by its kernel at the
     second; with 12 values per batch-norm channel there, both paths err by up to 1e-3. The
-    first two run as (C, N, L) matrices, the third (120 positions) image by image."""
+    first two run as (C, N, L) matrices, the others image by image; the last has enough
+    values per channel (1024) for B2's statistics in passes."""
+    from refimpl._batch_norm import by_passes
     from refimpl.feature_fusion._lean import _apart, _Layout
 
     assert _apart(shape[1] // 4, shape[0] * shape[2] * shape[3], shape[1]) == (shape[1] == 32)
     assert _Layout(False, torch.Size(shape)).cnl == (shape[2] * shape[3] < 100)
+    count = shape[0] * shape[2] * shape[3]
+    assert by_passes(torch.empty(0), count) == (count > 1000)
     torch.manual_seed(0)
     lean = _build(name, shape[1])
     plain, exact = copy.deepcopy(lean), copy.deepcopy(lean).double()
@@ -446,12 +453,22 @@ def test_residual_unit_saves_its_input_and_two_quarter_maps(projection) -> None:
     out=st.sampled_from([None, 6]),
     channels_last=st.booleans(),
     momentum=st.sampled_from([0.1, None]),
+    passes=st.booleans(),
 )
 def test_residual_unit_lean_equals_plain_autograd(
-    seed, n, size, stride, out, channels_last, momentum
+    seed, n, size, stride, out, channels_last, momentum, passes
 ) -> None:
     """Output, gradients and running statistics equal the plain graph's (float64, 1e-12),
-    strided and projected units included; gradcheck and gradgradcheck hold."""
+    strided and projected units included, the batch statistics by the kernel or in passes
+    (``passes``); gradcheck and gradgradcheck hold."""
+    import refimpl._batch_norm as batch_norm_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_norm_module, "STATS_BY_PASSES_FROM", 0 if passes else 10**9)
+        _unit_equals_plain(seed, n, size, stride, out, channels_last, momentum)
+
+
+def _unit_equals_plain(seed, n, size, stride, out, channels_last, momentum) -> None:  # noqa: ANN001
     from refimpl.residual_attention.popular import PlainResidualUnit
     from refimpl.residual_attention.torch_module import ResidualUnit
 
@@ -481,6 +498,37 @@ def test_residual_unit_lean_equals_plain_autograd(
     small = x[:, :, :2, :2].clone().requires_grad_()
     assert torch.autograd.gradcheck(lean, (small,))
     assert torch.autograd.gradgradcheck(lean, (small,))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_residual_unit_float32_as_accurate_as_the_plain_graph(stride) -> None:
+    """float32 at 1024 values per channel, where the batch statistics are computed in passes
+    (:func:`refimpl._batch_norm.batch_stats`): against the float64 step, output and every
+    gradient err by at most 4 times the plain graph's error (plus float32 rounding of the
+    largest gradient)."""
+    from refimpl._batch_norm import by_passes
+    from refimpl.residual_attention.popular import PlainResidualUnit
+    from refimpl.residual_attention.torch_module import ResidualUnit
+
+    torch.manual_seed(3)
+    lean = ResidualUnit(16, 32 if stride == 2 else None, stride).train()
+    plain = PlainResidualUnit(16, 32 if stride == 2 else None, stride).train()
+    plain.load_state_dict(lean.state_dict())
+    exact = copy.deepcopy(plain).double()
+    x = (torch.randn(4, 16, 16, 16) + 1).requires_grad_()
+    assert by_passes(x, 4 * 16 * 16)
+    x64 = x.detach().double().requires_grad_()
+    out, ref, truth = lean(x), plain(x), exact(x64)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *lean.parameters()], grad)
+    want = torch.autograd.grad(ref, [x, *plain.parameters()], grad)
+    true = torch.autograd.grad(truth, [x64, *exact.parameters()], grad.double())
+    scale = max(t.abs().max().item() for t in true)
+    names = ["x", *(name for name, _ in lean.named_parameters())]
+    rows = [("output", out, ref, truth), *zip(names, got, want, true, strict=True)]
+    for what, a, b, t in rows:
+        err, plain_err = ((v.double() - t).abs().max().item() for v in (a, b))
+        assert err <= 4 * plain_err + 1e-6 * scale, (what, err, plain_err)
 
 
 def test_residual_unit_lean_only_for_plain_layers() -> None:

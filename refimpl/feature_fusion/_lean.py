@@ -70,7 +70,9 @@ from torch import nn
 from refimpl._batch_norm import (
     batch_norm_backward,
     batch_norm_train,
+    batch_stats,
     by_hand,
+    by_passes,
     momentum,
     plain_batch_norm,
     relu_batch_norm,
@@ -389,11 +391,20 @@ class _Stage(torch.autograd.Function):
         if b2 is not None:
             u.add_(lay.chan(b2))
         # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
-        running_mean, running_var, factor = momentum(bn2)
-        mean2, var2 = torch.batch_norm_update_stats(lay.dim1(u), running_mean, running_var, factor)
+        if by_passes(u, lay.n * lay.positions):  # in passes, as fast as a few copies
+            mean2, var2 = batch_stats(bn2, u, lay.red, lay.chan)
+        else:  # the layer's statistics kernel
+            running_mean, running_var, factor = momentum(bn2)
+            mean2, var2 = torch.batch_norm_update_stats(
+                lay.dim1(u), running_mean, running_var, factor
+            )
         invstd2 = torch.rsqrt(var2 + bn2.eps)
         a2 = gamma2 * invstd2
-        shift = (beta2 - mean2 * a2) + g  # B2's shift plus g(S), (N, C)
+        # B2's shift plus g(S), (N, C); B2 as a2 u + shift, the form backward recomputes it in
+        # (centring u first would be more exact here, but forward and backward would then
+        # differ by rounding that iAFF's second stage amplifies: measured, 15 times the
+        # plain graph's float32 error)
+        shift = (beta2 - mean2 * a2) + g
         M = torch.addcmul(lay.img(shift), u, lay.chan(a2), out=u).sigmoid_()  # Eq. (3)
         if spec.lerp:
             torch.lerp(yv, xv, M, out=final)  # Eq. (4): Y + M (X - Y)
@@ -472,25 +483,31 @@ class _Stage(torch.autograd.Function):
         del M
         eps1, eps2 = ctx.eps[:2]
         if apart:
-            # B2 with batch statistics, du = k2 (dz - dbeta2 / NL - x_hat2 dgamma2 / NL),
-            # x_hat2 = (W2 r + shift2) / sigma2, in terms of dz and r only:
-            #   du  = k2 dz - P (W2 r) - Q,  P = k2 dgamma2 / (sigma2 NL),
-            #                                Q = k2 dbeta2 / NL + P shift2
-            #   dW2 = sum du r^T = k2 G - P (W2 R) - Q (sum r)^T,  G = sum dz r^T,  R = sum r r^T
-            #   dr  = W2^T du = (k2 W2)^T dz - (W2^T P W2) r - W2^T Q
-            # and dgamma2 = sum dz x_hat2 = (rowsum(W2 * G) + shift2 dbeta2) / sigma2.
-            grad_rows = lay.weight_grad(dz, r)  # G, (C, C/r)
+            # B2 with batch statistics, du = k2 (dz - dbeta2 / NL - x_hat2 dgamma2 / NL), in
+            # terms of dz and r_c = r - mean(r) (per channel, over images and positions): B2
+            # removes b2 and W2 mean(r), so x_hat2 = W2 r_c / sigma2, and sum du = 0:
+            #   du  = k2 dz - P (W2 r_c) - Q,  P = k2 dgamma2 / (sigma2 NL),  Q = k2 dbeta2 / NL
+            #   dW2 = sum du r^T = sum du r_c^T = k2 G - P (W2 R),
+            #         G = sum dz r_c^T,  R = sum r_c r_c^T
+            #   dr  = W2^T du = (k2 W2)^T dz - (W2^T P W2) r_c - W2^T Q
+            # with dgamma2 = sum dz x_hat2 = rowsum(W2 * G) / sigma2, and b2's gradient (sum du)
+            # exactly 0. Centred, the sums do not cancel: with r itself, G's sum dz r^T and
+            # mean(dz) sum r^T nearly cancel (r >= 0 after the ReLU: its mean is as large as
+            # its spread), which cost float32 up to 15 times the plain graph's error in W2's
+            # and W1's gradients (iAFF at 2x32x24x24).
+            r_c = r - lay.chan(r.mean(lay.red))
+            grad_rows = lay.weight_grad(dz, r_c)  # G, (C, C/r)
             dr = lay.conv_t(dz, weight2 * k2[:, None])  # (k2 W2)^T dz, (N, C/r, L)
             del dz
-            gram = lay.weight_grad(r, r)  # R, (C/r, C/r)
-            sum_r = r.sum(lay.red)  # (C/r,)
+            gram = lay.weight_grad(r_c, r_c)  # R, (C/r, C/r)
             dbeta2 = dg.sum(0)
-            dgamma2 = invstd2 * ((weight2 * grad_rows).sum(1) + shift2 * dbeta2)
+            dgamma2 = invstd2 * (weight2 * grad_rows).sum(1)
             P = k2 * dgamma2 * invstd2 / count
-            Q = k2 * dbeta2 / count + P * shift2
-            dw2 = k2[:, None] * grad_rows - P[:, None] * (weight2 @ gram) - torch.outer(Q, sum_r)
-            db2 = None if b2 is None else -P * (weight2 @ sum_r + count * shift2)  # sum du
-            dr -= lay.conv_t(r, weight2.t() @ (P[:, None] * weight2))
+            Q = k2 * dbeta2 / count
+            dw2 = k2[:, None] * grad_rows - P[:, None] * (weight2 @ gram)
+            db2 = None if b2 is None else torch.zeros_like(b2)  # sum du
+            dr -= lay.conv_t(r_c, weight2.t() @ (P[:, None] * weight2))
+            del r_c
             dr -= lay.chan(weight2.t() @ Q)
         else:
             # B2 with batch statistics: the layer's own backward kernel (what autograd runs
