@@ -49,14 +49,16 @@ outweigh both (``benchmarks/RESULTS.md``).
 The batch norms run as the layers run them, through the same ATen kernels
 (``native_batch_norm``, ``batch_norm_update_stats``, ``native_batch_norm_backward``) with
 the layers' own momentum rule, so parameters, running statistics and
-``num_batches_tracked`` move exactly as in the plain graph. This path is taken only where
-that is the whole of what the layers do: plain ``nn.BatchNorm2d`` layers in training mode,
-affine, without hooks, on float32 or float64 maps laid out NCHW- or channels_last-
-contiguous, outside autocast (:func:`fast_layout`). Anything else (``nn.SyncBatchNorm``,
-whose statistics and backward talk to the other processes; a subclass; a hooked layer;
-half precision) takes the general path, which calls the batch norms as modules, and so
-does double backward (``create_graph=True``): there the stage is rerun with its graph
-recorded and differentiated (:func:`refimpl._recompute.rerun_and_grad`).
+``num_batches_tracked`` move as in the plain graph (on CPU, with 1024 values or more per
+channel, the statistics come from a few vectorised passes instead of the kernels' scalar
+loop: :func:`refimpl._batch_norm.batch_stats`, the same numbers to rounding). This path
+is taken only where that is the whole of what the layers do: plain ``nn.BatchNorm2d``
+layers in training mode, affine, without hooks, on float32 or float64 maps laid out NCHW-
+or channels_last-contiguous, outside autocast (:func:`fast_layout`). Anything else
+(``nn.SyncBatchNorm``, whose statistics and backward talk to the other processes; a
+subclass; a hooked layer; half precision) takes the general path, which calls the batch
+norms as modules, and so does double backward (``create_graph=True``): there the stage is
+rerun with its graph recorded and differentiated (:func:`refimpl._recompute.rerun_and_grad`).
 """
 
 from __future__ import annotations
