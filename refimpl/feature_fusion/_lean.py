@@ -402,10 +402,8 @@ class _Stage(torch.autograd.Function):
             )
         invstd2 = torch.rsqrt(var2 + bn2.eps)
         a2 = gamma2 * invstd2
-        # B2's shift plus g(S), (N, C); B2 as a2 u + shift, the form backward recomputes it in
-        # (centring u first would be more exact here, but forward and backward would then
-        # differ by rounding that iAFF's second stage amplifies: measured, 15 times the
-        # plain graph's float32 error)
+        # B2's shift plus g(S), (N, C): B2 as a2 u + shift, the form backward recomputes M in
+        # (and the one the kernel applies)
         shift = (beta2 - mean2 * a2) + g
         M = torch.addcmul(lay.img(shift), u, lay.chan(a2), out=u).sigmoid_()  # Eq. (3)
         if spec.lerp:
@@ -494,9 +492,8 @@ class _Stage(torch.autograd.Function):
             #   dr  = W2^T du = (k2 W2)^T dz - (W2^T P W2) r_c - W2^T Q
             # with dgamma2 = sum dz x_hat2 = rowsum(W2 * G) / sigma2, and b2's gradient (sum du)
             # exactly 0. Centred, the sums do not cancel: with r itself, G's sum dz r^T and
-            # mean(dz) sum r^T nearly cancel (r >= 0 after the ReLU: its mean is as large as
-            # its spread), which cost float32 up to 15 times the plain graph's error in W2's
-            # and W1's gradients (iAFF at 2x32x24x24).
+            # mean(dz) sum r^T nearly cancel where r's mean is large against its spread (r >= 0
+            # after the ReLU).
             r_c = r - lay.chan(r.mean(lay.red))
             grad_rows = lay.weight_grad(dz, r_c)  # G, (C, C/r)
             dr = lay.conv_t(dz, weight2 * k2[:, None])  # (k2 W2)^T dz, (N, C/r, L)
