@@ -531,6 +531,18 @@ def test_residual_unit_float32_as_accurate_as_the_plain_graph(stride) -> None:
         assert err <= 4 * plain_err + 1e-6 * scale, (what, err, plain_err)
 
 
+def test_batch_statistics_in_passes_only_where_they_pay() -> None:
+    """On CPU, channels-first maps with 1024 values or more per channel; channels_last maps
+    (whose kernel is faster than the passes) and other devices keep the kernel."""
+    from refimpl._batch_norm import by_passes
+
+    t = torch.empty(4, 8, 16, 16)
+    assert by_passes(t, 1024)
+    assert not by_passes(t, 1023)
+    assert not by_passes(t.contiguous(memory_format=torch.channels_last), 1024)
+    assert not by_passes(torch.empty(4, 8, 16, 16, device="meta"), 1024)
+
+
 def test_residual_unit_lean_only_for_plain_layers() -> None:
     """A hooked or replaced layer, half precision or autocast: the layers are called."""
     from refimpl.residual_attention.torch_module import ResidualUnit

@@ -393,7 +393,7 @@ class _Stage(torch.autograd.Function):
         if b2 is not None:
             u.add_(lay.chan(b2))
         # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
-        if by_passes(u, lay.n * lay.positions):  # in passes, as fast as a few copies
+        if by_passes(lay.dim1(u), lay.n * lay.positions):  # in passes: a few copies' time
             mean2, var2 = batch_stats(bn2, u, lay.red, lay.chan)
         else:  # the layer's statistics kernel
             running_mean, running_var, factor = momentum(bn2)
