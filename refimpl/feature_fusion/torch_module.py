@@ -71,12 +71,12 @@ otherwise (``nn.SyncBatchNorm``, a hooked or subclassed layer, half precision) t
 again in backward with its graph recorded (:class:`refimpl._recompute.Recompute`), calling
 every batch norm as a module. ``recompute=False`` keeps the whole graph.
 ``torch.compile``/``torch.export`` and eval mode take the plain graph. Against an eager
-transcription of the popular code (one thread, ``python -m refimpl bench``, one run): forward
-0.96-2.4 times as fast; a training step 1.6-2.3 times as fast at (32, 64, 56, 56), 0.98-1.04
-at (8, 256, 28, 28) (batch statistics in passes on CPU, :mod:`refimpl._batch_norm`), and
-0.82-0.89 at (2, 512, 7, 7), where the matrix product recomputed in backward (seven per step
-against six) and the Python of a hand-written backward are not paid back: see
-``benchmarks/RESULTS.md``.
+transcription of the popular code (one thread, ``python -m refimpl bench``, runs of one
+session): forward 0.96-4.2 times as fast; a training step 1.5-2.3 times as fast at (32, 64,
+56, 56), 0.98-1.05 at (8, 256, 28, 28) (batch statistics in passes on CPU,
+:mod:`refimpl._batch_norm`), and 0.82-0.89 at (2, 512, 7, 7), where the matrix product
+recomputed in backward (seven per step against six) and the Python of a hand-written
+backward are not paid back: see ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations

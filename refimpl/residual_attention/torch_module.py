@@ -76,8 +76,9 @@ fixed-factor form). ``checkpoint_mask=True`` recomputes the mask branch and H in
 recomputed: 4.0 (-71%). Both go through :class:`refimpl._recompute.Recompute` (batch norms
 called as modules, running statistics updated once per step, gradients equal to plain
 autograd's). Time (one thread, ``benchmarks/attention_module_vs_port.py``): a training
-step as fast as the fixed-size port's at 8x256x28x28, 0.92-0.94 of its speed at
-2x512x7x7, where the units' backward recomputation is not paid back.
+step 1.02-1.09 times as fast as the fixed-size port's at 8x256x28x28 and 1.3-1.4 times at
+32x64x56x56 (batch statistics in passes on CPU, :mod:`refimpl._batch_norm`), 0.93-0.95 of
+its speed at 2x512x7x7, where the units' backward recomputation is not paid back.
 """
 
 from __future__ import annotations
