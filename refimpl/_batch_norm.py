@@ -96,20 +96,22 @@ def by_passes(t: torch.Tensor, count: int) -> bool:
     return t.is_contiguous()  # channels first
 
 
-def batch_stats(
-    bn: nn.BatchNorm2d,
-    t: torch.Tensor,
-    red: tuple[int, ...],
-    chan: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch statistics of ``t`` for the training-mode ``bn`` in passes: the per-channel
-    mean (over the dims ``red``) and biased variance; the running statistics move as the
-    layer moves them (:func:`momentum`, the unbiased variance). ``chan`` views a (C,)
-    vector to broadcast over ``t``.
+def _per_channel(t: torch.Tensor) -> tuple[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]:
+    """For ``t`` with channels in dim 1: the dims a channel's statistics run over, and a view
+    of a (C,) vector that broadcasts over ``t``."""
+    shape = (-1, *(1,) * (t.dim() - 2))
+    return (0, *range(2, t.dim())), lambda v: v.view(shape)
+
+
+def batch_stats(bn: nn.BatchNorm2d, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch statistics of ``t`` (channels in dim 1) for the training-mode ``bn`` in passes:
+    the per-channel mean and biased variance; the running statistics move as the layer
+    moves them (:func:`momentum`, the unbiased variance).
 
     Passes over the centred values, not one pass over t: the variance is the mean square of
     the centred values, exact to rounding however far the mean is from 0 (the one-pass
     E[t^2] - mean^2 is not)."""
+    red, chan = _per_channel(t)
     mean = t.sum(red)
     count = t.numel() // mean.numel()
     mean.div_(count)
@@ -128,10 +130,21 @@ def batch_stats(
     return mean, var
 
 
+def update_stats(bn: nn.BatchNorm2d, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch mean and biased variance of ``t`` (channels in dim 1) for the training-mode
+    ``bn``, its running statistics moved: in passes where they pay (:func:`by_passes`),
+    else by the layer's statistics kernel (``batch_norm_update_stats``)."""
+    if by_passes(t, t.numel() // t.shape[1]):
+        return batch_stats(bn, t)
+    running_mean, running_var, factor = momentum(bn)
+    return torch.batch_norm_update_stats(t, running_mean, running_var, factor)
+
+
 def batch_norm_train(
     bn: nn.BatchNorm2d, t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``bn(t)`` in training by the layer's own kernel, and the batch mean and inverse
+    """``bn(t)`` in training as the layer computes it (by its own kernel, or with the
+    statistics in passes where they pay: :func:`by_passes`), and the batch mean and inverse
     deviation; the running statistics move as the layer moves them. ``t``: channels in dim
     1 ((N, C) or a map).
 
@@ -143,16 +156,9 @@ def batch_norm_train(
             f"Expected more than 1 value per channel when training, got input size {t.size()}"
         )
     if t.dim() > 2 and by_passes(t, t.numel() // t.shape[1]):
-        # the statistics in passes; then bn(t) = k t + (bias - k mean), k = weight / sigma,
-        # as the kernel applies it (and as relu_batch_norm rebuilds it), in t's layout
-        def chan(v: torch.Tensor) -> torch.Tensor:
-            return v.view(-1, *(1,) * (t.dim() - 2))
-
-        mean, var = batch_stats(bn, t, (0, *range(2, t.dim())), chan)
+        mean, var = batch_stats(bn, t)
         invstd = torch.rsqrt(var + bn.eps)
-        k = weight * invstd
-        out = torch.addcmul(chan(bias - mean * k), t, chan(k), out=torch.empty_like(t))
-        return out, mean, invstd
+        return batch_norm_apply(t, weight, bias, mean, invstd, _per_channel(t)[1]), mean, invstd
     running_mean, running_var, factor = momentum(bn)
     return torch.native_batch_norm(t, weight, bias, running_mean, running_var, True, factor, bn.eps)
 
@@ -172,6 +178,21 @@ def batch_norm_backward(
     )
 
 
+def batch_norm_apply(
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    chan: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """bn(t) from batch statistics as the layer's kernel applies it: with k = weight / sigma,
+    k t + (bias - k mean), one ``addcmul`` into a tensor of ``t``'s layout. ``chan`` views a
+    (C,) vector to broadcast over ``t``'s channels."""
+    k = weight * invstd
+    return torch.addcmul(chan(bias - mean * k), t, chan(k), out=torch.empty_like(t))
+
+
 def relu_batch_norm(
     t: torch.Tensor,
     weight: torch.Tensor,
@@ -180,8 +201,6 @@ def relu_batch_norm(
     invstd: torch.Tensor,
     chan: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """relu(bn(t)) rebuilt in backward from the batch statistics of the forward: with
-    k = weight / sigma, bn(t) = k t + (bias - k mean), one ``addcmul`` and an in-place ReLU.
-    ``chan`` views a (C,) vector to broadcast over ``t``'s channels."""
-    k = weight * invstd
-    return torch.addcmul(chan(bias - mean * k), t, chan(k)).relu_()
+    """relu(bn(t)) rebuilt in backward from the batch statistics of the forward
+    (:func:`batch_norm_apply`, then an in-place ReLU)."""
+    return batch_norm_apply(t, weight, bias, mean, invstd, chan).relu_()

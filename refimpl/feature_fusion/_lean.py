@@ -72,12 +72,10 @@ from torch import nn
 from refimpl._batch_norm import (
     batch_norm_backward,
     batch_norm_train,
-    batch_stats,
     by_hand,
-    by_passes,
-    momentum,
     plain_batch_norm,
     relu_batch_norm,
+    update_stats,
 )
 from refimpl._recompute import rerun_and_grad, save_autocast
 
@@ -393,13 +391,7 @@ class _Stage(torch.autograd.Function):
         if b2 is not None:
             u.add_(lay.chan(b2))
         # B2's statistics (its kernel again); then B2, + g and the sigmoid in two passes
-        if by_passes(lay.dim1(u), lay.n * lay.positions):  # in passes: a few copies' time
-            mean2, var2 = batch_stats(bn2, u, lay.red, lay.chan)
-        else:  # the layer's statistics kernel
-            running_mean, running_var, factor = momentum(bn2)
-            mean2, var2 = torch.batch_norm_update_stats(
-                lay.dim1(u), running_mean, running_var, factor
-            )
+        mean2, var2 = update_stats(bn2, lay.dim1(u))  # in passes or by the layer's kernel
         invstd2 = torch.rsqrt(var2 + bn2.eps)
         a2 = gamma2 * invstd2
         # B2's shift plus g(S), (N, C): B2 as a2 u + shift, the form backward recomputes M in
