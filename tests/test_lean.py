@@ -349,16 +349,26 @@ def test_float32_training_step_is_as_accurate_as_the_plain_graph(name, shape) ->
     assert type(out.grad_fn).__name__ in HAND_WRITTEN
     ref, _ = plain(*xs, return_maps=True)
     truth, _ = exact(*xs64, return_maps=True)
+    outputs = (out, ref, truth)
+    _as_accurate_as_plain(lean, plain, exact, xs, xs64, outputs, "X", _before_batch_norm)
+
+
+def _as_accurate_as_plain(lean, plain, exact, xs, xs64, outputs, input_name, zero) -> None:  # noqa: ANN001
+    """The float32 step's output and gradients (inputs ``xs``, modules ``lean`` and
+    ``plain``) against the float64 step (``exact`` on ``xs64``): each errs by at most 4
+    times the plain graph's error plus 1e-6 of the largest true gradient; a parameter whose
+    gradient is exactly 0 (``zero(name)``) by float32 noise only, 1e-5 of it."""
+    out, ref, truth = outputs
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, [*xs, *lean.parameters()], grad)
     want = torch.autograd.grad(ref, [*xs, *plain.parameters()], grad)
     true = torch.autograd.grad(truth, [*xs64, *exact.parameters()], grad.double())
     scale = max(t.abs().max().item() for t in true)
-    names = ["X"] * len(xs) + [n for n, _ in lean.named_parameters()]
+    names = [input_name] * len(xs) + [n for n, _ in lean.named_parameters()]
     rows = [("output", out, ref, truth), *zip(names, got, want, true, strict=True)]
     for what, a, b, t in rows:
         err = (a.double() - t).abs().max().item()
-        if _before_batch_norm(what):  # exactly 0: float32 noise on both sides
+        if zero(what):  # exactly 0: float32 noise on both sides
             assert err <= 1e-5 * scale, (what, err)
             continue
         plain_err = (b.double() - t).abs().max().item()
@@ -518,17 +528,8 @@ def test_residual_unit_float32_as_accurate_as_the_plain_graph(stride) -> None:
     x = (torch.randn(4, 16, 16, 16) + 1).requires_grad_()
     assert by_passes(x, 4 * 16 * 16)
     x64 = x.detach().double().requires_grad_()
-    out, ref, truth = lean(x), plain(x), exact(x64)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, *lean.parameters()], grad)
-    want = torch.autograd.grad(ref, [x, *plain.parameters()], grad)
-    true = torch.autograd.grad(truth, [x64, *exact.parameters()], grad.double())
-    scale = max(t.abs().max().item() for t in true)
-    names = ["x", *(name for name, _ in lean.named_parameters())]
-    rows = [("output", out, ref, truth), *zip(names, got, want, true, strict=True)]
-    for what, a, b, t in rows:
-        err, plain_err = ((v.double() - t).abs().max().item() for v in (a, b))
-        assert err <= 4 * plain_err + 1e-6 * scale, (what, err, plain_err)
+    outputs = (lean(x), plain(x), exact(x64))
+    _as_accurate_as_plain(lean, plain, exact, [x], [x64], outputs, "x", lambda name: False)
 
 
 def test_batch_statistics_in_passes_only_where_they_pay() -> None:
