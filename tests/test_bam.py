@@ -5,8 +5,10 @@ is tested by tests/test_contract.py."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -31,11 +33,12 @@ from refimpl.bam import (
     convert_official_state_dict,
     load_official_state_dict,
     spatial_gate,
+    torch_module,
 )
 from refimpl.bam.convert import OFFICIAL_OPTIONS
 from refimpl.bam.popular import OfficialBAM, ZooBAM, build_official_bam, load_official_bam
 from refimpl.bam.registry import PAPER
-from refimpl.bam.torch_module import COMBINES
+from refimpl.bam.torch_module import COMBINES, NATIVE_F0_BELOW
 from refimpl.registry import get, randomize_, state_dict_numpy
 from refimpl.testing import check_invariants
 from tests.strategies import (
@@ -324,6 +327,54 @@ def test_no_grad_and_grad_paths_agree():
     with torch.no_grad():
         fused = module(x)
     torch.testing.assert_close(module(x), fused, rtol=1e-15, atol=1e-15)
+
+
+@given(shape=shapes, opts=options, seed=seeds, training=st.booleans())
+def test_both_routes_of_the_1x1_convolutions_agree(shape, opts, seed, training):
+    """f0 and f3 run as F.conv2d where torch's own loop is faster, else as one batched
+    product (torch_module._native_faster): the same output and gradients either way."""
+    module = build(shape[1], opts, seed).train(training and shape[0] >= 2)
+    x = to_torch(normal(shape, seed)).requires_grad_()
+    grad = to_torch(normal(shape, seed + 1))
+    results = []
+    for native in (True, False):
+        m = copy.deepcopy(module)
+        with mock.patch.object(torch_module, "_native_faster", lambda x, conv, n=native: n):
+            out = m(x)
+        (dx,) = torch.autograd.grad(out, x, grad)
+        results.append((out, dx, m.state_dict()))
+    (out1, dx1, state1), (out2, dx2, state2) = results
+    torch.testing.assert_close(out1, out2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx1, dx2, rtol=1e-10, atol=1e-10)
+    for key in state1:  # running statistics
+        torch.testing.assert_close(state1[key], state2[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 15, 16])
+@pytest.mark.parametrize("size", [(7, 7), (1, 1), (28, 28)])
+def test_native_route_is_where_torch_runs_its_own_loop(threads, dtype, n, size):
+    """_torch_loop mirrors torch's choice of backend for a 1x1 convolution (its "slow"
+    loop, not oneDNN), held against torch's own selector where this torch has it; the
+    route taken (_native_faster) is that loop for float32 only, for f0 on small maps only."""
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if select is None:  # the mirror then stands alone (the route is only about speed)
+        pytest.skip("this torch has no torch._C._select_conv_backend to compare with")
+    module = BAM(64, reduction=16, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for conv, channels in ((module.spatial_gate.conv3, 4), (module.spatial_gate.conv0, 64)):
+            x = torch.zeros(n, channels, *size, dtype=dtype)
+            args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1, None)  # stride ... groups
+            loop = select(x, conv.weight, conv.bias, *args).name == "Slow2d"
+            assert torch_module._torch_loop(x) == loop
+            small = conv.out_channels == 1 or n * size[0] * size[1] < NATIVE_F0_BELOW
+            expected = loop and small and dtype == torch.float32
+            assert torch_module._native_faster(x, conv) == expected, (conv, loop)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_state_dict_keys_are_the_numpy_params():

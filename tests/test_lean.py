@@ -314,12 +314,19 @@ def test_the_hand_written_path_only_where_it_is_the_whole_story() -> None:
         if other.training:  # and the module takes the general path
             out = other(x.clone().requires_grad_())
             assert type(out.grad_fn).__name__ == "RecomputeBackward"
-    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
-    try:
-        assert fast_layout(branches, x) is None
-    finally:
-        handle.remove()
-    assert fast_layout(branches, x) is False
+    globals_ = nn.modules.module
+    for register in (  # every kind of global module hook
+        globals_.register_module_forward_hook,
+        globals_.register_module_forward_pre_hook,
+        globals_.register_module_full_backward_hook,
+        globals_.register_module_full_backward_pre_hook,
+    ):
+        handle = register(lambda *args: None)
+        try:
+            assert fast_layout(branches, x) is None, register.__name__
+        finally:
+            handle.remove()
+        assert fast_layout(branches, x) is False
 
 
 @pytest.mark.parametrize("name", FUSION)

@@ -385,6 +385,31 @@ def test_dtype_and_device_mismatch_name_what_the_module_holds(comp):
         meta_module(*inputs)
 
 
+@pytest.mark.parametrize("comp", COMPONENTS, ids=lambda c: c.name)
+def test_the_checked_reference_is_the_first_floating_parameter(comp):
+    """The checks compare an input with the module's first floating point parameter (or
+    buffer, if it has none) in ``parameters()`` order; ``_torch_checks._reference`` walks
+    the registries directly for speed and must find the same tensor, in every component,
+    in every submodule of it, and where the first parameter is not floating point."""
+
+    def expected(m):
+        tensors = [t for t in m.parameters() if t.is_floating_point()]
+        tensors = tensors or [t for t in m.buffers() if t.is_floating_point()]
+        return tensors[0] if tensors else None
+
+    module = comp.make_example(0).module
+    for sub in module.modules():
+        assert _torch_checks._reference(sub) is expected(sub), type(sub).__name__
+    odd = nn.Module()
+    odd.register_buffer("count", torch.zeros((), dtype=torch.long))
+    odd.first = nn.Module()
+    odd.first.register_buffer("steps", torch.zeros(3))  # a buffer in an earlier child...
+    odd.second = copy.deepcopy(module)  # ...against the parameters of a later one
+    odd.first.register_parameter("frozen", nn.Parameter(torch.zeros(2, dtype=torch.long), False))
+    assert _torch_checks._reference(odd) is expected(odd) is next(odd.second.parameters())
+    assert _torch_checks._reference(nn.ReLU()) is None
+
+
 @pytest.mark.parametrize("comp", [c for c in COMPONENTS if c.n_inputs == 2], ids=lambda c: c.name)
 def test_fusion_inputs_of_different_dtypes_or_devices(comp):
     ex = comp.make_example(0)

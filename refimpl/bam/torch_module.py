@@ -50,17 +50,17 @@ raise a ValueError that says so (use eval mode for single items).
 Speed (measured in one interleaved run against the transcribed official module, see
 ``refimpl/bam/popular.py``): the layers are called through functions on the submodules'
 parameters, without per-call module overhead; the two 1x1 convolutions run as batched
-matrix products (CPU convolution kernels are slow with as few output channels as C/r
-and 1); the global average pool is a sum whose 1 / HW goes into the first matrix
-product, so that its backward is a broadcast view rather than a full-size gradient
-(float32 and float64 only: in half precision and under autocast it is a mean, since a
-float16 sum over the positions overflows at channel means of 40 on 48 x 48 maps); the
-ReLUs work in place on tensors autograd does not need; the attention map is one
-broadcast add (or multiply) and an in-place sigmoid; the output is one fused
-``addcmul`` under ``no_grad`` and a multiply plus an in-place add when autograd records
-(whose backward is two passes shorter than addcmul's). Saved for backward at the
-input's size: the input itself and M.
-"""
+matrix products (oneDNN's CPU convolution kernels are slow with as few output channels
+as C/r and 1), except where torch would run its own per-image loop, which is faster for
+the one-channel f3 and on the smallest maps (:func:`_native_faster`); the global average
+pool is a sum whose 1 / HW goes into the first matrix product, so that its backward is a
+broadcast view rather than a full-size gradient (float32 and float64 only: in half
+precision and under autocast it is a mean, since a float16 sum over the positions
+overflows at channel means of 40 on 48 x 48 maps); the ReLUs work in place on tensors
+autograd does not need; the attention map is one broadcast add (or multiply) and an
+in-place sigmoid; the output is one fused ``addcmul`` under ``no_grad`` and a multiply plus
+an in-place add when autograd records (whose backward is two passes shorter than
+addcmul's). Saved for backward at the input's size: the input itself and M."""
 
 from __future__ import annotations
 
@@ -276,16 +276,60 @@ class SpatialGate(nn.Module):
 
 
 def _conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A 1x1 convolution as one batched matrix product, (C_out, C_in) @ (N, C_in, H W).
+    """A 1x1 convolution: one batched matrix product, (C_out, C_in) @ (N, C_in, H W), or
+    ``F.conv2d`` where torch's own convolution loop is faster (:func:`_native_faster`).
 
-    The same arithmetic as ``F.conv2d``; on CPU the convolution kernels are at their
-    slowest with as few output channels as here (C/r and 1): measured 2.4x (C -> C/r) and
-    20x (C/r -> 1) faster at (32, 64, 56, 56), the same at (8, 256, 28, 28).
+    The same arithmetic as ``F.conv2d``. On CPU, oneDNN's convolution kernels are at their
+    slowest with as few output channels as here (C/r and 1): the product is 2.4x (C -> C/r)
+    and 20x (C/r -> 1) faster at (32, 64, 56, 56), the same at (8, 256, 28, 28).
     """
+    if _native_faster(x, conv):
+        return F.conv2d(x, conv.weight, conv.bias)
     n, _, height, width = x.shape
     weight = conv.weight.flatten(1)  # (C_out, C_in), a view
     out = torch.baddbmm(conv.bias[None, :, None], weight.expand(n, -1, -1), x.flatten(2))
     return out.view(n, -1, height, width)  # (N, C_out, H, W)
+
+
+#: Maps of fewer positions (N H W) than this take ``F.conv2d`` for f0 too where torch would
+#: run its own loop (:func:`_native_faster`).
+NATIVE_F0_BELOW = 100
+
+
+def _native_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether ``F.conv2d`` is the faster 1x1 convolution here: float32 maps where torch
+    runs it as its own loop of matrix products, one per image (:func:`_torch_loop`), rather
+    than through oneDNN. Measured, one thread, fwd+bwd: to one channel (f3) that loop is
+    1.1-1.8x faster than the batched product at every size tried (2x32x7x7 to 8x16x28x28:
+    fewer dispatched operations in backward); from C to C/r (f0) it is as fast at 2x512x7x7
+    and 6-26% slower at larger maps, so f0 takes it only below :data:`NATIVE_F0_BELOW`
+    positions. oneDNN (two threads or more, or 16 images or more) is 2.5-7x slower than
+    the product at one output channel, and the product stays there.
+
+    The product everywhere else: on other devices, in float64 (a dtype for checking, not
+    for speed), and when traced, exported or compiled, where a choice by batch size would
+    guard the graph on it. So eager float32 on one thread and an exported graph of the
+    same module agree to rounding, not bit for bit (in float64 they agree bit for bit).
+    """
+    if x.dtype != torch.float32 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if conv.out_channels != 1 and x.shape[0] * x.shape[2] * x.shape[3] >= NATIVE_F0_BELOW:
+        return False
+    return _torch_loop(x)
+
+
+def _torch_loop(x: torch.Tensor) -> bool:
+    """Whether torch runs a 1x1 convolution of ``x`` (no stride, dilation or groups) as its
+    own per-image loop (the "slow" 2-D backend) rather than through oneDNN: on CPU, for
+    float64, and for float32 with fewer than 16 images on one thread (``use_mkldnn`` in
+    ATen's ``Convolution.cpp``). It mirrors that rule rather than asking torch
+    (``torch._C._select_conv_backend`` is private, and takes 8 us a call against 0.5 us
+    here); a test holds the two together on every torch the suite runs on."""
+    if x.device.type != "cpu":
+        return False
+    if x.dtype == torch.float64:
+        return True
+    return x.dtype == torch.float32 and x.shape[0] < 16 and torch.get_num_threads() == 1
 
 
 def _hidden_activation(h: torch.Tensor, bn: nn.Module | None) -> torch.Tensor:
