@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from refimpl.feature_fusion import (
     local_context,
     mscam,
 )
+from refimpl.feature_fusion import torch_module as fusion_torch
 from refimpl.feature_fusion.convert import (
     convert_official_state_dict,
     load_official_state_dict,
@@ -681,6 +683,34 @@ def test_converter_loads_an_official_network_called_the_official_way_round():
 
 # ---------------------------------------------------------------------------------------
 # What a PyTorch module promises
+
+
+@pytest.mark.parametrize("name", ["local_context", "mscam", "aff", "iaff"])
+@given(shape=shapes(), opts=options, seed=seeds, maps=st.booleans())
+def test_both_eval_routes_agree(name, shape, opts, seed, maps):
+    """In eval, float32 maps of few positions take both 1x1 convolutions as one product
+    over all images on a (C, N H W) copy (torch_module._few_positions); larger maps and
+    float64 one product per image. Both routes, forced on the same module: the same
+    output and maps, to float64 rounding and to float32's."""
+    module = build(name, shape[1], opts, seed)
+    inputs = [to_torch(x) for x in inputs_for(name, shape, seed)]
+    kwargs = {"return_maps": True} if maps and name != "local_context" else {}
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 2e-5)):
+        m, xs = copy.deepcopy(module).to(dtype), [x.to(dtype) for x in inputs]
+        results = []
+        for cnl in (True, False):
+            with mock.patch.object(fusion_torch, "_few_positions", lambda v, c=cnl: c):
+                results.append(m(*xs, **kwargs))
+        torch.testing.assert_close(results[0], results[1], rtol=tol, atol=tol)
+
+
+def test_eval_route_by_positions_dtype_and_device():
+    v = torch.zeros(2, 8, 99)
+    assert fusion_torch._few_positions(v)
+    assert not fusion_torch._few_positions(torch.zeros(2, 8, 100))  # CNL_BELOW
+    assert not fusion_torch._few_positions(v.double())
+    assert not fusion_torch._few_positions(v.to("meta"))
+    assert not fusion_torch._few_positions(torch.zeros(2, 8, 9, 11))  # channels_last, 4-D
 
 
 def test_non_contiguous_input():

@@ -272,7 +272,8 @@ class SpatialGate(nn.Module):
         M_s = _conv1x1(h, self.conv3)  # f3, (N, 1, H, W)
         if self.bn is not None:
             M_s = self.bn(M_s)  # Eq. (4): BN(f3(...))
-        return M_s[:, 0]  # (N, H, W), a view
+        # a view; squeeze's backward is one too (indexing's allocates and fills a zero map)
+        return M_s.squeeze(1)  # (N, H, W)
 
 
 def _conv1x1(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -398,7 +399,7 @@ class BAM(nn.Module):
 
     def attention_map(self, M_c: torch.Tensor, M_s: torch.Tensor) -> torch.Tensor:
         r"""Eq. (2): :math:`M = \sigma(M_c + M_s)` (or of the product), (N, C, H, W)."""
-        M_c4, M_s4 = M_c[:, :, None, None], M_s[:, None]  # (N, C, 1, 1), (N, 1, H, W) views
+        M_c4, M_s4 = M_c.unsqueeze(2).unsqueeze(3), M_s.unsqueeze(1)  # (N, C, 1, 1), (N, 1, H, W)
         logits = M_c4 + M_s4 if self.combine == "sum" else M_c4 * M_s4  # (N, C, H, W)
         # In place: neither the add nor the multiply needs its output for backward.
         return logits.sigmoid_()
