@@ -301,11 +301,12 @@ def _native_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether ``F.conv2d`` is the faster 1x1 convolution here: float32 maps where torch
     runs it as its own loop of matrix products, one per image (:func:`_torch_loop`), rather
     than through oneDNN. Measured, one thread, fwd+bwd: to one channel (f3) that loop is
-    1.1-1.8x faster than the batched product at every size tried (2x32x7x7 to 8x16x28x28:
-    fewer dispatched operations in backward); from C to C/r (f0) it is as fast at 2x512x7x7
-    and 6-26% slower at larger maps, so f0 takes it only below :data:`NATIVE_F0_BELOW`
-    positions. oneDNN (two threads or more, or 16 images or more) is 2.5-7x slower than
-    the product at one output channel, and the product stays there.
+    1.1-1.8x faster than the batched product at every size tried with 2 to 8 images (7x7
+    to 56x56: fewer dispatched operations in backward); from C to C/r (f0) it is as fast
+    at 2x512x7x7 and 6-35% slower at larger maps, so f0 takes it only below
+    :data:`NATIVE_F0_BELOW` positions. oneDNN (two threads or more, or 16 images or
+    more) is 1.3-7x slower than the product at one output channel, and the product stays
+    there.
 
     The product everywhere else: on other devices, in float64 (a dtype for checking, not
     for speed), and when traced, exported or compiled, where a choice by batch size would
