@@ -292,6 +292,12 @@ def test_agrees_with_numpy_float64(device, name, shape, opts, seed, training):
     seed=13,
     training=True,
 )
+@example(  # thorough profile, AFF in eval: 1.3e-6 at an output of 0.01 (factor_two, |X| ~ 5)
+    shape=(1, 23, 14, 15),
+    opts=dict(reduction=2, bias=True, factor_two=True, share_global=False),
+    seed=23,
+    training=False,
+)
 def test_agrees_with_numpy_float32(device, name, shape, opts, seed, training):
     """float32 against the float64 oracle: float32 rounding, plus in training mode what
     batch statistics amplify (see ``training_slack``)."""
@@ -302,8 +308,10 @@ def test_agrees_with_numpy_float32(device, name, shape, opts, seed, training):
     params = state_dict_numpy(module)  # the float32-rounded weights
     expected = COMPONENTS[name][1](*xs, params, training=training, **numpy_options(name, opts))
     inputs = [to_torch(x, device, torch.float32) for x in xs]
-    # float32 rounding (6e-8) accumulated over sums of up to 32 channels and 289 positions.
-    atol = 1e-6
+    # float32 rounding (6e-8) accumulated over sums of up to 32 channels and 289 positions,
+    # relative to the largest values involved: a fusion's output near 0 is Y + M (X - Y)
+    # with X and Y of order 5 cancelling (twice that with factor_two)
+    atol = 1e-6 * max(1.0, float(np.abs(expected).max()))
     if training:
         reference = nn_reference(module, *inputs).detach().cpu().double().numpy()
         error = np.abs(reference - expected).max()
