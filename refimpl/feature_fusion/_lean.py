@@ -40,11 +40,13 @@ channels_last rows and, for NCHW maps of fewer than :data:`CNL_BELOW` positions,
 matrices.
 
 What this costs, and what it cannot win back: backward has one matrix product more than
-autograd's (PWConv2 again, C x C/r x N L multiply-adds), the price of not keeping M. Where
-those products are most of a step (one CPU thread at 2x512x7x7: each about 0.14 ms of a
-1.5-1.8 ms step) that product alone is 8-9% of the popular code's step, and the Python of
-a hand-written backward adds to it; at 28x28 and 56x56 the saved passes over full-size maps
-outweigh both (``benchmarks/RESULTS.md``).
+autograd's (PWConv2 again, C x C/r x N L multiply-adds), the price of not keeping M, and
+recomputes M's elementwise steps. At 2x512x7x7 on one CPU thread the seven products (about
+0.89 ms) still cost less than the popular code's six in its per-image convolutions (0.94
+ms); what is not won back there is the recomputed elementwise work and the Python of a
+hand-written backward (about 145 dispatched operations, against autograd's graph in C++):
+0.71 ms outside the products against 0.44 ms. At 28x28 and 56x56 the saved passes over
+full-size maps outweigh both (``benchmarks/RESULTS.md``).
 
 The batch norms run as the layers run them, through the same ATen kernels
 (``native_batch_norm``, ``batch_norm_update_stats``, ``native_batch_norm_backward``) with

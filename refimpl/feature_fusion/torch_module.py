@@ -48,7 +48,9 @@ is ``max(1, channels // reduction)``; the official ``int(channels // r)`` is 0 f
 Speed: the local context's 1x1 convolutions on NCHW input are ``torch.bmm`` on the
 (N, C, H*W) view with the weight broadcast over images (oneDNN's NCHW 1x1 convolution is
 several times slower on CPU, and ``torch.matmul`` would copy the input and keep the copy
-for backward); channels_last input goes to ``conv2d``. In eval mode the local branch's
+for backward); channels_last input goes to ``conv2d``; in eval, float32 CPU maps of fewer
+than 100 positions per image take each as one product over all images on a (C, N H*W) copy
+(:func:`_eval_logits_cnl`). In eval mode the local branch's
 second batch norm is folded into PWConv2 at forward time and the global context (computed
 on the pooled (N, C) matrix with ``F.linear``) is added to that convolution's bias, so
 L + g comes out of one matrix product; the first batch norm runs on the quarter-size
@@ -72,11 +74,12 @@ again in backward with its graph recorded (:class:`refimpl._recompute.Recompute`
 every batch norm as a module. ``recompute=False`` keeps the whole graph.
 ``torch.compile``/``torch.export`` and eval mode take the plain graph. Against an eager
 transcription of the popular code (one thread, ``python -m refimpl bench``, runs of one
-session): forward 0.96-4.2 times as fast; a training step 1.5-2.3 times as fast at (32, 64,
-56, 56), 0.98-1.05 at (8, 256, 28, 28) (batch statistics in passes on CPU,
-:mod:`refimpl._batch_norm`), and 0.82-0.89 at (2, 512, 7, 7), where the matrix product
-recomputed in backward (seven per step against six) and the Python of a hand-written
-backward are not paid back: see ``benchmarks/RESULTS.md``.
+session): forward 1.0-4.5 times as fast; a training step 2.1-2.8 times as fast at (32, 64,
+56, 56), 0.99-1.04 at (8, 256, 28, 28) (batch statistics in passes on CPU,
+:mod:`refimpl._batch_norm`), and 0.84-0.88 at (2, 512, 7, 7), where the elementwise work
+recomputed in backward and about 145 operations dispatched from a hand-written backward
+in Python are not paid back (the seven matrix products cost less than the popular code's
+six): see ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
