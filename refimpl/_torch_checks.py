@@ -78,6 +78,13 @@ def _first_floating(module: nn.Module, registry: str) -> torch.Tensor | None:
     return None
 
 
+def capturing_graph() -> bool:
+    """Whether a graph is being captured (``torch.jit.trace``, ``torch.compile``,
+    ``torch.export``): the fast paths that choose by size, dtype or thread count, or run a
+    hand-written autograd Function, step aside there and leave the plain graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def autocast_enabled(x: torch.Tensor) -> bool:
     """Whether ``torch.autocast`` is on for ``x``'s device type (never on the meta device,
     which autocast does not know)."""

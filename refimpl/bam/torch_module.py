@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refimpl._checks import check_choice, check_positive_int, hidden_width
-from refimpl._torch_checks import autocast_enabled, check_torch_input, conv2d
+from refimpl._torch_checks import autocast_enabled, capturing_graph, check_torch_input, conv2d
 
 NORMS = ("output", "hidden")
 COMBINES = ("sum", "product")
@@ -313,7 +313,7 @@ def _native_faster(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     guard the graph on it. So eager float32 on one thread and an exported graph of the
     same module agree to rounding, not bit for bit (in float64 they agree bit for bit).
     """
-    if x.dtype != torch.float32 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if x.dtype != torch.float32 or capturing_graph():
         return False
     if conv.out_channels != 1 and x.shape[0] * x.shape[2] * x.shape[3] >= NATIVE_F0_BELOW:
         return False

@@ -93,6 +93,7 @@ from torch import nn
 from refimpl._checks import check_positive_int, check_same_shape, hidden_width
 from refimpl._recompute import recompute as _recompute
 from refimpl._torch_checks import (
+    capturing_graph,
     check_matches_module,
     check_same_device,
     check_torch_input,
@@ -190,7 +191,7 @@ def _lean(module: nn.Module, *tensors: torch.Tensor) -> bool:
     ``torch.export`` plan their own recomputation; they get the plain graph)."""
     if not (module.training and module.recompute and torch.is_grad_enabled()):
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if capturing_graph():
         return False
     return any(t.requires_grad for t in tensors) or any(
         p.requires_grad for p in module.parameters()
@@ -325,7 +326,7 @@ def _few_positions(v: torch.Tensor) -> bool:
         return False
     if v.shape[2] >= CNL_BELOW:
         return False
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+    return not capturing_graph()
 
 
 def _eval_logits_cnl(

@@ -100,7 +100,7 @@ from refimpl._batch_norm import (
 )
 from refimpl._checks import check_choice, check_positive_int
 from refimpl._recompute import recompute, rerun_and_grad
-from refimpl._torch_checks import call_conv, check_torch_input
+from refimpl._torch_checks import call_conv, capturing_graph, check_torch_input
 from refimpl.residual_attention._pooling import (
     MAX_POOL,
     check_pooling,
@@ -314,7 +314,7 @@ class ResidualUnit(nn.Module):
             return False
         if not by_hand(x):
             return False
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if capturing_graph():
             return False
         for bn, conv in ((self.bn1, self.conv1), (self.bn2, self.conv2), (self.bn3, self.conv3)):
             if not (plain_batch_norm(bn) and plain_module(conv)) or type(conv) is not nn.Conv2d:
@@ -692,7 +692,7 @@ class AttentionModule(nn.Module):
         differentiate, not traced (``torch.compile``/``torch.export`` plan their own)."""
         if not (self.checkpoint_mask or self.checkpoint_trunk) or not torch.is_grad_enabled():
             return False
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if capturing_graph():
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
